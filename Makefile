@@ -1,0 +1,63 @@
+# The commands README.md names. `make test` and `make demo` set up what they need on a
+# fresh Debian machine (apt packages, a .venv with the package and its extras) and skip
+# the set-up that is already done.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= redis,s3,server,test
+TORCH_PIN ?= torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := redis-server redis-tools liburing-dev fio
+STAMP := $(VENV)/.flexkv-installed
+
+.PHONY: setup apt venv test lint typecheck pytest demo bench clean
+
+setup: apt venv
+
+apt:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v fio >/dev/null || missing="$$missing fio"; \
+	[ -e /usr/include/liburing.h ] || missing="$$missing liburing-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  $(SUDO) apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "venv: installing $(TORCH_PIN) (CPU)"; $(PY) -m pip install -q "$(TORCH_PIN)"; }
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	@rc=0; $(VENV)/bin/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; \
+	exit $$rc
+
+test: lint typecheck pytest
+
+demo: setup
+	$(VENV)/bin/flexkv-store demo
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints JSON, every figure beside a baseline measured in the same run."""

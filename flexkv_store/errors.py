@@ -1,0 +1,101 @@
+"""The exceptions flexkv-store raises.
+
+Every error the library raises on purpose derives from :class:`FlexKVStoreError`, so an
+engine can catch one type. Backends convert their own exceptions (redis-py, botocore,
+``OSError``) into this tree at one seam per adapter, always ``raise ... from exc``::
+
+    FlexKVStoreError
+    ├── InvalidKeyError (ValueError)       a key field breaks a rule (names the field and the rule)
+    │   └── KeyFormatError                 a wire string or filename is not a canonical key
+    ├── StorageError                       a backend failed to store or read an object
+    │   ├── BackendUnavailableError        connection lost / timed out after retries, or the
+    │   │                                  adapter's optional dependency is not installed
+    │   ├── CorruptObjectError             a framed object failed its header or checksum check
+    │   └── BufferTooSmallError            ``get_into`` target smaller than the object
+    ├── QuotaExceededError                 one object is larger than its salt's quota
+    └── ConfigError (ValueError)           a config value is missing, unknown or out of range
+
+Misses are not errors: ``get`` returns ``None`` and ``exists``/``delete`` return ``False``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "BufferTooSmallError",
+    "ConfigError",
+    "CorruptObjectError",
+    "FlexKVStoreError",
+    "InvalidKeyError",
+    "KeyFormatError",
+    "QuotaExceededError",
+    "StorageError",
+]
+
+
+class FlexKVStoreError(Exception):
+    """Base class of every error raised by flexkv-store."""
+
+
+class InvalidKeyError(FlexKVStoreError, ValueError):
+    """A key field breaks one of the key rules.
+
+    ``field`` names the offending field (``model_name``, ``kv_rank``, ``chunk_hash``,
+    ``cache_salt``, or ``wire``/``filename`` for whole strings) so callers and the admin
+    API can report it without parsing the message.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class KeyFormatError(InvalidKeyError):
+    """A wire string or filename is not the canonical form of any valid key."""
+
+
+class StorageError(FlexKVStoreError):
+    """A backend could not store, read or delete an object."""
+
+
+class BackendUnavailableError(StorageError):
+    """The backend cannot be reached (after retries), or its client library is missing."""
+
+
+class CorruptObjectError(StorageError):
+    """A stored object failed its framing checks (magic, version, length or checksum)."""
+
+
+class BufferTooSmallError(StorageError):
+    """The buffer given to ``get_into`` is smaller than the stored object.
+
+    ``needed`` is the object's payload size in bytes; ``available`` the buffer's size.
+    """
+
+    def __init__(self, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(
+            f"buffer too small: the object has {needed} bytes, the buffer holds {available}"
+        )
+
+
+class QuotaExceededError(FlexKVStoreError):
+    """A put was refused because the object alone exceeds its salt's quota.
+
+    Nothing was written and nothing was evicted.
+    """
+
+    def __init__(self, cache_salt: str, size: int, limit: int) -> None:
+        self.cache_salt = cache_salt
+        self.size = size
+        self.limit = limit
+        shown = cache_salt or "_default"
+        super().__init__(
+            f"cache_salt {shown!r}: object of {size} bytes exceeds the quota of {limit} bytes"
+        )
+
+
+class ConfigError(FlexKVStoreError, ValueError):
+    """A configuration value is missing, unknown, malformed or out of range."""

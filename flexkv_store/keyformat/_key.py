@@ -1,0 +1,298 @@
+"""`ObjectKey` and its two string forms: the wire string and the filename."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any, Final
+
+from flexkv_store.errors import InvalidKeyError, KeyFormatError
+
+__all__ = ["NAME_MAX", "ObjectKey"]
+
+#: Longest filename (bytes) most Linux filesystems accept; longer names use the hashed form.
+NAME_MAX: Final = 255
+MODEL_NAME_MAX_BYTES: Final = 512
+CACHE_SALT_MAX_CHARS: Final = 128
+CHUNK_HASH_MAX_BYTES: Final = 64
+KV_RANK_MAX: Final = 0xFFFFFFFF
+DEFAULT_SALT_ALIAS: Final = "_default"
+
+# Unicode categories banned in names and salts: control, format (bidi marks, zero-width),
+# surrogates, line and paragraph separators. They make keys that look alike but differ.
+_BANNED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_ASCII_BAD_MODEL: Final = re.compile(r"[@\\\x00-\x1f\x7f]")
+_ASCII_BAD_SALT: Final = re.compile(r"[@/\\\x00-\x1f\x7f]")
+_RANK_WIRE: Final = re.compile(r"[0-9a-f]{8}")
+_RANK_FILE: Final = re.compile(r"0x[0-9a-f]{8}")
+_HASH_HEX: Final = re.compile(r"(?:[0-9a-f]{2}){1,64}")
+_SEP: Final = "-SEP-"
+
+
+def _bad_char(text: str, banned: str) -> str | None:
+    """Describe the first banned character of ``text``, or return None."""
+    for ch in text:
+        if ch in banned:
+            return f"must not contain {ch!r}"
+        cat = unicodedata.category(ch)
+        if cat in _BANNED_CATEGORIES:
+            return (
+                f"must not contain control or invisible characters (found U+{ord(ch):04X}, {cat})"
+            )
+    return None
+
+
+def _check_model_name(model_name: object) -> str:
+    if type(model_name) is not str:
+        if not isinstance(model_name, str):
+            raise InvalidKeyError("model_name", f"must be a str, not {type(model_name).__name__}")
+        model_name = str(model_name)
+    if model_name.isascii():
+        n = len(model_name)
+        if _ASCII_BAD_MODEL.search(model_name):
+            problem = _bad_char(model_name, "@\\")
+            raise InvalidKeyError("model_name", problem or "invalid character")
+    else:
+        problem = _bad_char(model_name, "@\\")
+        if problem:
+            raise InvalidKeyError("model_name", problem)
+        n = len(model_name.encode("utf-8"))
+    if n == 0:
+        raise InvalidKeyError("model_name", "must not be empty")
+    if n > MODEL_NAME_MAX_BYTES:
+        raise InvalidKeyError(
+            "model_name", f"must be at most {MODEL_NAME_MAX_BYTES} UTF-8 bytes (got {n})"
+        )
+    if "-SEP" in model_name and (_SEP in model_name or "-SEP/" in model_name):
+        raise InvalidKeyError(
+            "model_name",
+            "must not contain '-SEP-' or '-SEP/' (they would make two names share a filename)",
+        )
+    return model_name
+
+
+def _check_kv_rank(kv_rank: object) -> int:
+    if type(kv_rank) is not int:
+        if isinstance(kv_rank, bool) or not isinstance(kv_rank, int):
+            raise InvalidKeyError("kv_rank", f"must be an int, not {type(kv_rank).__name__}")
+        kv_rank = int(kv_rank)
+    if not 0 <= kv_rank <= KV_RANK_MAX:
+        raise InvalidKeyError("kv_rank", f"must be in 0..0xFFFFFFFF (got {kv_rank})")
+    return kv_rank
+
+
+def _check_chunk_hash(chunk_hash: object) -> bytes:
+    if type(chunk_hash) is not bytes:
+        if isinstance(chunk_hash, (bytes, bytearray, memoryview)):
+            chunk_hash = bytes(chunk_hash)
+        else:
+            raise InvalidKeyError(
+                "chunk_hash", f"must be bytes-like, not {type(chunk_hash).__name__}"
+            )
+    n = len(chunk_hash)
+    if not 1 <= n <= CHUNK_HASH_MAX_BYTES:
+        raise InvalidKeyError(
+            "chunk_hash", f"must be 1..{CHUNK_HASH_MAX_BYTES} bytes long (got {n})"
+        )
+    return chunk_hash
+
+
+def check_cache_salt(cache_salt: object) -> str:
+    """Validate a cache salt on its own (the admin API checks path salts with this)."""
+    if type(cache_salt) is not str:
+        if not isinstance(cache_salt, str):
+            raise InvalidKeyError("cache_salt", f"must be a str, not {type(cache_salt).__name__}")
+        cache_salt = str(cache_salt)
+    if not cache_salt:
+        return ""
+    if len(cache_salt) > CACHE_SALT_MAX_CHARS:
+        raise InvalidKeyError(
+            "cache_salt",
+            f"must be at most {CACHE_SALT_MAX_CHARS} characters (got {len(cache_salt)})",
+        )
+    if not cache_salt.isascii() or _ASCII_BAD_SALT.search(cache_salt):
+        problem = _bad_char(cache_salt, "@/\\")
+        if problem:
+            raise InvalidKeyError("cache_salt", problem)
+    if cache_salt == DEFAULT_SALT_ALIAS:
+        raise InvalidKeyError(
+            "cache_salt", "'_default' is reserved (it names the empty salt in the admin API)"
+        )
+    return cache_salt
+
+
+class ObjectKey:
+    """The key of one stored KV chunk: model, KV rank, chunk hash and optional tenant salt.
+
+    Immutable and hashable; equality and hash cover all four fields, so two salts never
+    collide. Validated once, at construction: a bad field raises
+    :class:`~flexkv_store.errors.InvalidKeyError` naming the field and the rule.
+    """
+
+    __slots__ = ("_hash", "cache_salt", "chunk_hash", "kv_rank", "model_name")
+
+    model_name: str
+    kv_rank: int
+    chunk_hash: bytes
+    cache_salt: str
+    _hash: int
+
+    def __init__(
+        self, model_name: str, kv_rank: int, chunk_hash: bytes, cache_salt: str = ""
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "model_name", _check_model_name(model_name))
+        setter(self, "kv_rank", _check_kv_rank(kv_rank))
+        setter(self, "chunk_hash", _check_chunk_hash(chunk_hash))
+        setter(self, "cache_salt", check_cache_salt(cache_salt))
+        setter(
+            self, "_hash", hash((self.model_name, self.kv_rank, self.chunk_hash, self.cache_salt))
+        )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ObjectKey is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("ObjectKey is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ObjectKey, (self.model_name, self.kv_rank, self.chunk_hash, self.cache_salt))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObjectKey):
+            return NotImplemented
+        return (
+            self.chunk_hash == other.chunk_hash
+            and self.kv_rank == other.kv_rank
+            and self.model_name == other.model_name
+            and self.cache_salt == other.cache_salt
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ObjectKey(model_name={self.model_name!r}, kv_rank={self.kv_rank}, "
+            f"chunk_hash=bytes.fromhex({self.chunk_hash.hex()!r}), "
+            f"cache_salt={self.cache_salt!r})"
+        )
+
+    def replace(self, **changes: Any) -> ObjectKey:
+        """A copy with some fields changed (validated like a new key)."""
+        fields: dict[str, Any] = {
+            "model_name": self.model_name,
+            "kv_rank": self.kv_rank,
+            "chunk_hash": self.chunk_hash,
+            "cache_salt": self.cache_salt,
+        }
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"unknown ObjectKey fields: {sorted(unknown)}")
+        fields.update(changes)
+        return ObjectKey(**fields)
+
+    # -- wire string -------------------------------------------------------------------
+
+    def to_wire(self) -> str:
+        """``{model}@{rank:08x}@{hash hex}[@{salt}]``, byte-identical to LMCache 0.4.4-0.4.6."""
+        s = f"{self.model_name}@{self.kv_rank:08x}@{self.chunk_hash.hex()}"
+        return f"{s}@{self.cache_salt}" if self.cache_salt else s
+
+    @classmethod
+    def from_wire(cls, s: str) -> ObjectKey:
+        """Parse a canonical wire string; anything else raises :class:`KeyFormatError`."""
+        if not isinstance(s, str):
+            raise KeyFormatError("wire", f"must be a str, not {type(s).__name__}")
+        parts = s.split("@")
+        if len(parts) == 3:
+            model, rank, hexhash = parts
+            salt = ""
+        elif len(parts) == 4:
+            model, rank, hexhash, salt = parts
+            if not salt:
+                raise KeyFormatError("wire", "a 4th (cache_salt) field must not be empty")
+        else:
+            raise KeyFormatError(
+                "wire", f"must have 3 or 4 '@'-separated fields (got {len(parts)})"
+            )
+        if not _RANK_WIRE.fullmatch(rank):
+            raise KeyFormatError("wire", "kv_rank field must be exactly 8 lowercase hex digits")
+        if not _HASH_HEX.fullmatch(hexhash):
+            raise KeyFormatError(
+                "wire", "chunk_hash field must be 2..128 lowercase hex digits, an even count"
+            )
+        try:
+            return cls(model, int(rank, 16), bytes.fromhex(hexhash), salt)
+        except KeyFormatError:
+            raise
+        except InvalidKeyError as exc:
+            raise KeyFormatError(exc.field, exc.rule) from None
+
+    # -- filename ----------------------------------------------------------------------
+
+    def to_filename(self) -> str:
+        """The LMCache-compatible filename, or ``h-{sha256(wire)}.data`` when that is overlong.
+
+        The hashed form is used when the plain name would exceed 255 bytes (NAME_MAX);
+        adapters then keep the full key in the object header.
+        """
+        name = f"{self.model_name.replace('/', _SEP)}@0x{self.kv_rank:08x}@{self.chunk_hash.hex()}"
+        if self.cache_salt:
+            name = f"{name}@{self.cache_salt}"
+        name += ".data"
+        if len(name) > NAME_MAX // 4 and len(name.encode("utf-8")) > NAME_MAX:
+            return overlong_filename(self.to_wire())
+        return name
+
+    @property
+    def filename_is_overlong(self) -> bool:
+        """True when :meth:`to_filename` gives the hashed (non-invertible) form."""
+        return self.to_filename().startswith("h-")
+
+    @classmethod
+    def from_filename(cls, name: str) -> ObjectKey:
+        """Parse a canonical filename; hashed (overlong) names and anything else raise."""
+        if not isinstance(name, str):
+            raise KeyFormatError("filename", f"must be a str, not {type(name).__name__}")
+        if not name.endswith(".data"):
+            raise KeyFormatError("filename", "must end with '.data'")
+        parts = name[:-5].split("@")
+        if len(parts) == 3:
+            model, rank, hexhash = parts
+            salt = ""
+        elif len(parts) == 4:
+            model, rank, hexhash, salt = parts
+            if not salt:
+                raise KeyFormatError("filename", "a 4th (cache_salt) field must not be empty")
+        else:
+            raise KeyFormatError(
+                "filename",
+                f"must have 3 or 4 '@'-separated fields before '.data' (got {len(parts)})"
+                + ("; hashed overlong names need the object header" if len(parts) == 1 else ""),
+            )
+        if "/" in model:
+            raise KeyFormatError("filename", "must not contain '/'")
+        if not _RANK_FILE.fullmatch(rank):
+            raise KeyFormatError(
+                "filename", "kv_rank field must be '0x' and exactly 8 lowercase hex digits"
+            )
+        if not _HASH_HEX.fullmatch(hexhash):
+            raise KeyFormatError(
+                "filename", "chunk_hash field must be 2..128 lowercase hex digits, an even count"
+            )
+        try:
+            key = cls(model.replace(_SEP, "/"), int(rank[2:], 16), bytes.fromhex(hexhash), salt)
+        except KeyFormatError:
+            raise
+        except InvalidKeyError as exc:
+            raise KeyFormatError(exc.field, exc.rule) from None
+        if key.to_filename() != name:
+            raise KeyFormatError("filename", "is not the canonical filename of its key")
+        return key
+
+
+def overlong_filename(wire: str) -> str:
+    """The fixed-length filename used when a key's plain filename exceeds NAME_MAX."""
+    return f"h-{hashlib.sha256(wire.encode('utf-8')).hexdigest()}.data"
