@@ -1,0 +1,107 @@
+"""The memory adapter: a dict in this process. The reference implementation of the contract."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, ClassVar
+
+from flexkv_store.backends.base import Buffer, Capabilities, L2Adapter, ObjectInfo, check_key
+from flexkv_store.backends.config import MemoryConfig
+from flexkv_store.errors import StorageError
+from flexkv_store.keyformat import ObjectKey, as_bytes_view
+
+__all__ = ["MemoryAdapter"]
+
+
+class MemoryAdapter(L2Adapter):
+    """Objects held as ``bytes`` in a dict; ``capacity_bytes`` bounds the payload total.
+
+    Payloads are copied on ``put`` (the caller may reuse its buffer at once) and returned
+    without a copy on ``get`` (``bytes`` are immutable). Single event-loop use: every method
+    runs without awaiting in between, so each operation is atomic.
+    """
+
+    name = "memory"
+    # Payloads never leave process memory, so there is no framing and nothing to verify.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        listing=True, shared_across_processes=False, persistent=False, verifies_checksums=False
+    )
+    config_class = MemoryConfig
+
+    def __init__(self, config: MemoryConfig | None = None) -> None:
+        self.config = config or MemoryConfig()
+        self._data: dict[ObjectKey, tuple[bytes, float]] = {}
+        self._bytes = 0
+
+    async def put(self, key: ObjectKey, data: Buffer) -> None:
+        # docstring inherited
+        check_key(key)
+        payload = bytes(as_bytes_view(data))
+        old = self._data.get(key)
+        new_total = self._bytes + len(payload) - (len(old[0]) if old else 0)
+        cap = self.config.capacity_bytes
+        if cap is not None and new_total > cap:
+            raise StorageError(
+                f"memory adapter full: {new_total} bytes would exceed capacity_bytes={cap}"
+            )
+        self._data[key] = (payload, time.time())
+        self._bytes = new_total
+
+    async def get(self, key: ObjectKey) -> bytes | None:
+        # docstring inherited
+        check_key(key)
+        entry = self._data.get(key)
+        return entry[0] if entry else None
+
+    async def size(self, key: ObjectKey) -> int | None:
+        # docstring inherited
+        check_key(key)
+        entry = self._data.get(key)
+        return len(entry[0]) if entry else None
+
+    async def delete(self, key: ObjectKey) -> bool:
+        # docstring inherited
+        check_key(key)
+        entry = self._data.pop(key, None)
+        if entry is None:
+            return False
+        self._bytes -= len(entry[0])
+        return True
+
+    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+        # docstring inherited
+        for key, data in items:
+            await self.put(key, data)
+
+    async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
+        # docstring inherited
+        return [await self.get(k) for k in keys]
+
+    async def scan(
+        self, model_name: str | None = None, cache_salt: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        # docstring inherited
+        for key, (payload, mtime) in list(self._data.items()):
+            if model_name is not None and key.model_name != model_name:
+                continue
+            if cache_salt is not None and key.cache_salt != cache_salt:
+                continue
+            yield ObjectInfo(key, len(payload), mtime)
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload bytes held."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def info(self) -> dict[str, Any]:
+        # docstring inherited
+        return {
+            "adapter": self.name,
+            "objects": len(self._data),
+            "bytes": self._bytes,
+            "capacity_bytes": self.config.capacity_bytes,
+        }

@@ -1,0 +1,213 @@
+"""The L2 adapter contract: one async ABC every backend implements.
+
+A small abstract core (``put``, ``get``, ``size``, ``delete``, ``scan``) carries the
+semantics; everything else has a documented default built on the core that adapters may
+override for speed (one round trip or one submission for a batch). Adapters convert their
+backend's exceptions into :mod:`flexkv_store.errors` at one seam; a miss is ``None`` /
+``False``, never an exception.
+
+Sizes are payload bytes everywhere (what the caller put), never headers or padding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
+
+from flexkv_store.errors import BufferTooSmallError
+from flexkv_store.keyformat import ObjectKey, as_bytes_view
+
+__all__ = [
+    "Buffer",
+    "Capabilities",
+    "L2Adapter",
+    "ObjectInfo",
+    "check_key",
+    "writable_view",
+]
+
+#: Anything ``put`` accepts: bytes, bytearray, memoryview, numpy arrays, contiguous CPU
+#: torch tensors (CUDA tensors too on the gds adapter).
+Buffer = Any
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What ``scan`` yields: the key, its payload size and last-modified time (unix seconds)."""
+
+    key: ObjectKey
+    size: int
+    last_modified: float
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Static facts about an adapter that tests, the store and the admin API branch on."""
+
+    #: ``get_into``/``put`` take CUDA tensors directly (GPU Direct Storage).
+    device_buffers: bool = False
+    #: ``scan`` lists what is stored (restart recovery and quota rebuild need it).
+    listing: bool = True
+    #: Several processes can open the same storage and see one another's objects.
+    shared_across_processes: bool = False
+    #: Objects survive ``aclose`` and a process restart.
+    persistent: bool = False
+    #: Reads verify a checksum, so corruption is a miss (False for raw, header-less formats).
+    verifies_checksums: bool = True
+
+
+def check_key(key: object) -> ObjectKey:
+    """Adapters take :class:`ObjectKey` values only, never raw strings."""
+    if type(key) is not ObjectKey and not isinstance(key, ObjectKey):
+        raise TypeError(f"key must be an ObjectKey, not {type(key).__name__}")
+    return key
+
+
+def writable_view(out: Buffer) -> memoryview:
+    """A flat writable byte view of a caller-owned buffer (bytearray, numpy, CPU tensor)."""
+    mv = as_bytes_view(out)
+    if mv.readonly:
+        raise TypeError("out must be a writable buffer")
+    return mv
+
+
+class L2Adapter(ABC):
+    """An async key -> bytes store for KV chunks (filesystem, Redis, S3, GDS, memory).
+
+    Implementations set :attr:`name` and :attr:`capabilities`, implement the abstract core
+    and map their backend's errors to :mod:`flexkv_store.errors` in one place. Every
+    adapter is an async context manager; ``aclose`` releases clients, rings and files.
+    """
+
+    #: Registry name (``memory``, ``fs``, ``redis``, ``s3``, ``gds``).
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: How many single operations the default batch methods run at once.
+    batch_concurrency: int = 16
+
+    # -- abstract core -----------------------------------------------------------------
+
+    @abstractmethod
+    async def put(self, key: ObjectKey, data: Buffer) -> None:
+        """Store ``data`` under ``key`` atomically.
+
+        A concurrent or later reader sees the old object, the new one, or nothing; never
+        a torn one. ``data`` may be any contiguous buffer; it is not retained.
+        """
+
+    @abstractmethod
+    async def get(self, key: ObjectKey) -> bytes | None:
+        """The payload stored under ``key``; ``None`` on a miss or a failed checksum."""
+
+    @abstractmethod
+    async def size(self, key: ObjectKey) -> int | None:
+        """The payload size of ``key`` in bytes, or ``None`` if absent."""
+
+    @abstractmethod
+    async def delete(self, key: ObjectKey) -> bool:
+        """Remove ``key``; ``True`` if it existed."""
+
+    @abstractmethod
+    def scan(
+        self, model_name: str | None = None, cache_salt: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        """Every stored object, optionally only one model's and/or one salt's.
+
+        ``cache_salt=""`` selects unsalted keys; ``None`` means any salt. The order is
+        unspecified. Objects written or deleted during a scan may or may not appear.
+        """
+
+    # -- defaults built on the core ----------------------------------------------------
+
+    async def get_into(self, key: ObjectKey, out: Buffer) -> int | None:
+        """Read ``key`` into the caller-owned writable buffer ``out``; return its length.
+
+        ``None`` on a miss; :class:`~flexkv_store.errors.BufferTooSmallError` when the
+        object does not fit (``out`` is then left unchanged). Note to implementers: the
+        default reads into a temporary and copies; override it to read in place.
+        """
+        check_key(key)
+        view = writable_view(out)
+        data = await self.get(key)
+        if data is None:
+            return None
+        if len(data) > view.nbytes:
+            raise BufferTooSmallError(len(data), view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    async def exists(self, key: ObjectKey) -> bool:
+        """Whether ``key`` is stored. The default asks :meth:`size`."""
+        return await self.size(key) is not None
+
+    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+        """Store several objects; each one is atomic on its own, the batch is not.
+
+        Note to implementers: the default runs :meth:`put` with bounded concurrency; if one
+        fails, the others still finish and the first error is raised.
+        """
+        pairs = list(items)
+        await self._run_many(lambda kv: self.put(kv[0], kv[1]), pairs)
+
+    async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
+        """Payloads of ``keys`` in order, ``None`` for each miss."""
+        return await self._run_many(self.get, list(keys))
+
+    async def exists_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        """Whether each of ``keys`` is stored, in order."""
+        return await self._run_many(self.exists, list(keys))
+
+    async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        """Delete each of ``keys``; whether each existed, in order."""
+        return await self._run_many(self.delete, list(keys))
+
+    async def aclose(self) -> None:
+        """Release clients, rings and file descriptors. Idempotent."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """Run-time facts about this instance (I/O engine, direct I/O, server version ...).
+
+        Secrets never appear here.
+        """
+        return {"adapter": self.name}
+
+    async def __aenter__(self: _T) -> _T:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _run_many(self, fn: Callable[[_T], Awaitable[_R]], args: Sequence[_T]) -> list[_R]:
+        """Run ``fn`` over ``args`` with at most :attr:`batch_concurrency` in flight.
+
+        Every call runs to completion before the first error is raised, so no operation is
+        left half-done in the background.
+        """
+        if not args:
+            return []
+        if len(args) == 1:
+            return [await fn(args[0])]
+        sem = asyncio.Semaphore(max(1, self.batch_concurrency))
+
+        async def one(arg: _T) -> _R:
+            async with sem:
+                return await fn(arg)
+
+        results = await asyncio.gather(*(one(a) for a in args), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
