@@ -16,7 +16,7 @@ from flexkv_store.backends._registry import (
     parse_adapter_config,
     register_adapter,
 )
-from flexkv_store.backends.base import Buffer, Capabilities, L2Adapter, ObjectInfo
+from flexkv_store.backends.base import Buffer, Capabilities, CheckReport, L2Adapter, ObjectInfo
 from flexkv_store.backends.config import (
     AdapterConfig,
     FsConfig,
@@ -32,6 +32,7 @@ __all__ = [
     "AdapterSpec",
     "Buffer",
     "Capabilities",
+    "CheckReport",
     "ENTRY_POINT_GROUP",
     "FsConfig",
     "GdsConfig",

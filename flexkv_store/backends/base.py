@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
@@ -61,6 +61,27 @@ class Capabilities:
     persistent: bool = False
     #: Reads verify a checksum, so corruption is a miss (False for raw, header-less formats).
     verifies_checksums: bool = True
+
+
+@dataclass
+class CheckReport:
+    """What :meth:`L2Adapter.check` (``flexkv-store fsck``) found."""
+
+    #: Objects examined and their payload bytes.
+    objects: int = 0
+    bytes: int = 0
+    #: Objects that failed their header or checksum check (wire key or path each).
+    corrupt: list[str] = field(default_factory=list)
+    #: Leftover temporary files of interrupted writes (paths).
+    temp_files: list[str] = field(default_factory=list)
+    #: Files that are neither objects nor temp files (left alone; paths).
+    foreign: list[str] = field(default_factory=list)
+    #: Corrupt objects and temp files removed (with ``repair=True``).
+    removed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.corrupt and not self.temp_files
 
 
 def check_key(key: object) -> ObjectKey:
@@ -167,6 +188,24 @@ class L2Adapter(ABC):
     async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
         """Delete each of ``keys``; whether each existed, in order."""
         return await self._run_many(self.delete, list(keys))
+
+    async def check(self, *, repair: bool = False) -> CheckReport:
+        """Verify every stored object; with ``repair``, remove what is corrupt or torn.
+
+        Note to implementers: the default lists with :meth:`scan` and reads each object
+        with :meth:`get`, counting listed objects that read back as misses as corrupt;
+        adapters that delete corrupt objects on read remove them even without ``repair``.
+        Override it to verify without side effects and to find temp files.
+        """
+        report = CheckReport()
+        async for info in self.scan():
+            report.objects += 1
+            report.bytes += info.size
+            if await self.get(info.key) is None:
+                report.corrupt.append(info.key.to_wire())
+                if repair and await self.delete(info.key):  # may be gone already
+                    report.removed += 1
+        return report
 
     async def aclose(self) -> None:
         """Release clients, rings and file descriptors. Idempotent."""

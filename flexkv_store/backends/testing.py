@@ -454,7 +454,7 @@ class AdapterTests:
                     max_examples=12,
                     stateful_step_count=15,
                     deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
                 ),
             )
         finally:

@@ -1,0 +1,182 @@
+"""The store's quota facade: UserLRU accounting + persisted quotas + evicting from backends.
+
+:class:`QuotaManager` is what ``store.quota`` is and what the admin API calls. Quota
+changes are persisted through a :class:`QuotaState` (a JSON file, or a Redis hash when the
+first backend is Redis) and the objects they evict are deleted from every tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from flexkv_store.keyformat import check_cache_salt
+from flexkv_store.quota._userlru import Tally, UserLRU, Victim, load_quotas, save_quotas
+
+__all__ = ["JsonQuotaState", "QuotaInfo", "QuotaManager", "QuotaState"]
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+class QuotaState(Protocol):
+    """Where explicit quotas persist between runs."""
+
+    async def load(self) -> dict[str, int]:
+        """The saved quotas (salt -> bytes); empty when nothing was saved yet."""
+        ...
+
+    async def save(self, quotas: Mapping[str, int]) -> None:
+        """Replace the saved quotas with ``quotas``."""
+        ...
+
+    def describe(self) -> str:
+        """Where the state lives, for logs and ``/health``."""
+        ...
+
+
+class JsonQuotaState:
+    """Quotas in a JSON file, replaced atomically on every change."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    async def load(self) -> dict[str, int]:
+        return await asyncio.to_thread(load_quotas, self.path)
+
+    async def save(self, quotas: Mapping[str, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(save_quotas, self.path, dict(quotas))
+
+    def describe(self) -> str:
+        return f"json:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaInfo:
+    """One salt's quota and usage, as the admin API reports it."""
+
+    cache_salt: str
+    limit_bytes: int | None
+    current_usage_bytes: int
+    objects: int
+    exists: bool
+
+    @property
+    def limit_gb(self) -> float | None:
+        return None if self.limit_bytes is None else self.limit_bytes / GIB
+
+    @property
+    def current_usage_gb(self) -> float:
+        return self.current_usage_bytes / GIB
+
+    def as_dict(self) -> dict[str, Any]:
+        """The admin API's JSON shape (``_default`` names the empty salt)."""
+        return {
+            "cache_salt": self.cache_salt or "_default",
+            "limit_gb": self.limit_gb,
+            "limit_bytes": self.limit_bytes,
+            "current_usage_gb": self.current_usage_gb,
+            "current_usage_bytes": self.current_usage_bytes,
+            "objects": self.objects,
+            "exists": self.exists,
+        }
+
+
+def api_salt(salt: str) -> str:
+    """Map the admin API's ``_default`` to the empty salt and validate the rest."""
+    return "" if salt == "_default" else check_cache_salt(salt)
+
+
+class QuotaManager:
+    """Quota operations of a store: validated, persisted, with evictions carried out.
+
+    ``evict`` deletes victims from every tier; ``lock`` is the store's write lock, held
+    while accounting changes and victims are deleted so that no put of the same salt
+    interleaves.
+    """
+
+    def __init__(
+        self,
+        lru: UserLRU,
+        *,
+        evict: Callable[[list[Victim]], Awaitable[None]],
+        lock: Callable[[], Any],
+        state: QuotaState | None = None,
+    ) -> None:
+        self.lru = lru
+        self.state = state
+        self._evict = evict
+        self._lock = lock
+
+    async def load(self, initial: Mapping[str, int]) -> list[Victim]:
+        """Apply ``initial`` (config) quotas, overridden by the persisted ones."""
+        saved = await self.state.load() if self.state is not None else {}
+        merged = {**initial, **saved}
+        return self.lru.replace_quotas(merged)
+
+    async def _persist(self) -> None:
+        if self.state is not None:
+            await self.state.save(self.lru.quotas())
+
+    async def set_quota(self, salt: str, limit_bytes: int) -> Tally:
+        """Set ``salt``'s quota; returns what it evicted (bytes, objects)."""
+        salt = api_salt(salt)
+        async with self._lock():
+            victims = self.lru.set_quota(salt, limit_bytes)
+            await self._persist()
+            await self._evict(victims)
+        return Tally(sum(n for _, n in victims), len(victims))
+
+    def get_quota(self, salt: str) -> int | None:
+        """``salt``'s explicit quota in bytes, or ``None``."""
+        return self.lru.get_quota(api_salt(salt))
+
+    async def delete_quota(self, salt: str) -> bool:
+        """Remove ``salt``'s quota (it falls back to the default); whether one was set."""
+        salt = api_salt(salt)
+        async with self._lock():
+            existed, victims = self.lru.delete_quota(salt)
+            if existed:
+                await self._persist()
+            await self._evict(victims)
+        return existed
+
+    async def set_default_quota(self, limit_bytes: int | None) -> Tally:
+        """Change the default quota (None = unlimited, 0 = allowlist); evicts at once."""
+        async with self._lock():
+            victims = self.lru.set_default_quota(limit_bytes)
+            await self._evict(victims)
+        return Tally(sum(n for _, n in victims), len(victims))
+
+    async def set_capacity(self, limit_bytes: int | None) -> Tally:
+        """Change the global capacity; evicts in global LRU order at once."""
+        async with self._lock():
+            victims = self.lru.set_capacity(limit_bytes)
+            await self._evict(victims)
+        return Tally(sum(n for _, n in victims), len(victims))
+
+    def info(self, salt: str) -> QuotaInfo:
+        """Quota and usage of one salt."""
+        salt = api_salt(salt)
+        used = self.lru.usage(salt)
+        explicit = self.lru.get_quota(salt)
+        return QuotaInfo(
+            salt, self.lru.quota(salt), used.nbytes, used.objects, explicit is not None
+        )
+
+    def usage(self, salt: str | None = None) -> dict[str, QuotaInfo]:
+        """Quota and usage of one salt, or of every salt with a quota or usage > 0."""
+        if salt is not None:
+            info = self.info(salt)
+            return {info.cache_salt: info}
+        out: dict[str, QuotaInfo] = {}
+        for s in self.lru.salts():
+            info = self.info(s if s else "_default")
+            if info.exists or info.objects or info.current_usage_bytes:
+                out[s] = info
+        return out
