@@ -1,0 +1,855 @@
+"""The fs adapter: one file per object under one or several directories.
+
+Layout. An object lives in ``{root}/{aa}/{bb}/{filename}`` (``sharded``, the default: two
+levels of 256 subdirectories each, so millions of objects never crowd one directory) or
+``{root}/{filename}`` (``flat``, LMCache-compatible). ``filename`` is
+:meth:`ObjectKey.to_filename` (``h-{sha256}.data`` for overlong keys, whose full key is then
+only in the header). With several roots (``fs:///a;/b``) a 64-bit xxh3 of the filename
+picks the root (low bits) and the shard directories (top 16 bits), the same in every
+process.
+
+Format. ``framed`` files are a 4096-byte header (magic, lengths, xxh3 checksums, the wire
+key; see :mod:`flexkv_store.keyformat._framing`) followed by the payload, so payloads are
+4096-aligned in the file and O_DIRECT can read them in place. ``raw`` files are the payload
+only (LMCache interchange): no checksum, and keys with overlong filenames cannot be stored.
+
+Publication. A put writes ``.tmp-{host}-{pid}-{random}.part`` in the object's directory,
+syncs it per the ``fsync`` policy and renames it over the final name, so a reader sees the
+old object, the new one or nothing. Temp files left by crashed writers are removed when an
+adapter opens: those of dead processes on this host at once, any other only once it is
+older than :attr:`FsAdapter.stale_temp_seconds` (a live writer on another host, or one in
+this process, is never disturbed).
+
+I/O. Blocking work runs on a pool of ``threads`` worker threads, never on the event loop.
+With the io_uring engine a whole ``put_many``/``get_many`` goes to one worker thread that
+keeps ``queue_depth`` vectored reads/writes in flight on its ring; with the threads engine
+each item of a batch gets its own worker thread. With ``direct_io`` files are opened
+O_DIRECT: the header and any 4096-aligned caller buffer go to disk without a copy, an
+unaligned buffer through an aligned bounce buffer; a payload that does not end on a 4096
+boundary is written with its last block zero-padded and the file is then truncated to
+exactly header + payload bytes (so sizes stay exact and the padding never shows).
+
+Errors. Every ``OSError`` becomes a :class:`~flexkv_store.errors.StorageError` at one seam
+(:func:`_storage_errors`); a failed put leaves no temp file behind. A file that fails its
+header or checksum check is a miss: it is counted in :attr:`FsAdapter.corrupt_objects`,
+logged and removed (only if it is still the same inode, so a fresh object written in the
+meantime survives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, ClassVar, TypeVar
+
+import xxhash
+
+from flexkv_store.backends import _uring
+from flexkv_store.backends._io import (
+    ALIGN,
+    READ,
+    WRITE,
+    Engine,
+    IoOp,
+    ThreadsEngine,
+    UringEngine,
+    address_of,
+    aligned_buffer,
+)
+from flexkv_store.backends.base import (
+    Buffer,
+    Capabilities,
+    L2Adapter,
+    ObjectInfo,
+    check_key,
+    writable_view,
+)
+from flexkv_store.backends.config import FsConfig
+from flexkv_store.errors import (
+    BackendUnavailableError,
+    BufferTooSmallError,
+    CorruptObjectError,
+    InvalidKeyError,
+    StorageError,
+)
+from flexkv_store.keyformat import ObjectKey, as_bytes_view, checksum, decode_header, encode_header
+
+__all__ = ["FsAdapter"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_X = TypeVar("_X")
+
+_TMP_PREFIX = ".tmp-"
+_TMP_SUFFIX = ".part"
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+_PREAD_MAX = 1 << 30
+_fallback_logged = False
+_fallback_lock = threading.Lock()
+
+
+@contextmanager
+def _storage_errors(what: str) -> Iterator[None]:
+    """The one seam where ``OSError`` becomes :class:`StorageError` (``raise ... from``)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            detail = "no space left on device (nothing was published)"
+        elif exc.errno == errno.EDQUOT:
+            detail = "disk quota exceeded (nothing was published)"
+        elif exc.errno == errno.EIO:
+            detail = "I/O error from the device"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            detail = "permission denied or read-only file system"
+        else:
+            detail = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StorageError(f"fs {what}: {detail}{where} [errno {exc.errno}]") from exc
+    except RuntimeError as exc:
+        # ThreadPoolExecutor refuses work after shutdown: the adapter was closed meanwhile.
+        raise StorageError(f"fs {what}: the adapter is closed") from exc
+
+
+def _log_fallback_once(reason: str) -> None:
+    global _fallback_logged
+    with _fallback_lock:
+        if _fallback_logged:
+            return
+        _fallback_logged = True
+    log.warning("fs adapter: io_uring engine unavailable, using the threads engine: %s", reason)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    try:
+        # A killed child that its parent has not reaped yet still answers kill(0).
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[-1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class _Job:
+    """State of one object's put or read while its I/O is in flight."""
+
+    __slots__ = (
+        "bounced",
+        "copies",
+        "error",
+        "fd",
+        "final",
+        "header",
+        "key",
+        "out",
+        "payload",
+        "result",
+        "scratch",
+        "size",
+        "tmp",
+        "truncate_to",
+    )
+
+    def __init__(self, key: ObjectKey, final: str) -> None:
+        self.key = key
+        self.final = final
+        self.tmp = ""
+        self.fd = -1
+        self.error: BaseException | None = None
+        self.scratch: list[Any] = []
+        self.truncate_to: int | None = None
+        self.header: memoryview | None = None
+        self.payload: memoryview | None = None
+        #: get_into's destination; None for get (which returns bytes).
+        self.out: memoryview | None = None
+        #: The payload was read into a bounce buffer and still has to be copied to ``out``.
+        self.bounced = False
+        self.copies: list[tuple[memoryview, memoryview]] = []
+        self.size = 0
+        self.result: Any = None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for s in self.scratch:
+            s.release()
+        self.scratch.clear()
+
+
+class FsAdapter(L2Adapter):
+    """Objects as files under one or several local directories (see the module docstring).
+
+    Several processes may open the same directories: publication is atomic and reads
+    verify checksums, so they never see each other's partial writes.
+    """
+
+    name = "fs"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        listing=True, shared_across_processes=True, persistent=True, verifies_checksums=True
+    )
+    config_class = FsConfig
+    #: A temp file older than this (seconds) is abandoned even if its writer seems alive.
+    stale_temp_seconds: ClassVar[float] = 900.0
+
+    def __init__(self, config: FsConfig) -> None:
+        self.config = config
+        self._roots = [os.path.abspath(p) for p in config.paths]
+        self._framed = config.format == "framed"
+        self._head = ALIGN if self._framed else 0
+        self._sharded = config.layout == "sharded"
+        if not self._framed:
+            # Raw files carry no checksum; the flag is per instance, the class default is
+            # the framed format's. (Assigned through __dict__: it shadows a ClassVar.)
+            self.__dict__["capabilities"] = replace(
+                type(self).capabilities, verifies_checksums=False
+            )
+        #: Objects found corrupt or truncated (each was treated as a miss and removed).
+        self.corrupt_objects = 0
+        self._count_lock = threading.Lock()
+        self._closed = False
+        with _storage_errors("open"):
+            for root in self._roots:
+                os.makedirs(root, exist_ok=True)
+            self._direct, self._direct_note = self._probe_direct()
+            self._engine, self._engine_note = self._open_engine()
+            self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="flexkv-fs")
+            removed = self._remove_stale_temps()
+        if removed:
+            log.info("fs adapter: removed %d stale temp file(s) under %s", removed, config.path)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _probe_direct(self) -> tuple[bool, str | None]:
+        if not self.config.direct_io:
+            return False, None
+        if not _O_DIRECT:
+            return False, "O_DIRECT is not available on this platform"
+        for root in self._roots:
+            probe = os.path.join(root, self._temp_name())
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                note = f"{root} does not support O_DIRECT; using buffered I/O"
+                log.warning("fs adapter: %s", note)
+                return False, note
+            os.close(fd)
+            os.unlink(probe)
+        return True, None
+
+    def _open_engine(self) -> tuple[Engine, str | None]:
+        wanted = self.config.io_engine
+        if wanted == "threads":
+            return ThreadsEngine(), None
+        try:
+            return UringEngine(_uring.load(), self.config.queue_depth), None
+        except (_uring.UringUnavailable, OSError) as exc:
+            if wanted == "io_uring":
+                raise BackendUnavailableError(
+                    f"fs: io_engine=io_uring is unavailable: {exc}"
+                ) from exc
+            _log_fallback_once(str(exc))
+            return ThreadsEngine(), f"io_uring unavailable: {exc}"
+
+    def _temp_name(self) -> str:
+        return f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{secrets.token_hex(6)}{_TMP_SUFFIX}"
+
+    def _temp_is_stale(self, name: str, mtime: float, now: float) -> bool:
+        if now - mtime > self.stale_temp_seconds:
+            return True
+        parts = name[len(_TMP_PREFIX) : -len(_TMP_SUFFIX)].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+            return False  # another host's writer: only age tells
+        return not _pid_alive(int(parts[1]))
+
+    def _object_dirs(self, root: str) -> Iterator[str]:
+        """Every directory objects can live in under ``root`` (no deeper recursion)."""
+        if not self._sharded:
+            yield root
+            return
+        for top in _subdirs(root):
+            yield from _subdirs(top)
+
+    def _remove_stale_temps(self) -> int:
+        now = time.time()
+        removed = 0
+        for root in self._roots:
+            dirs = [root, *self._object_dirs(root)] if self._sharded else [root]
+            for d in dirs:
+                try:
+                    it = os.scandir(d)
+                except FileNotFoundError:
+                    continue
+                with it:
+                    for e in it:
+                        n = e.name
+                        if not (n.startswith(_TMP_PREFIX) and n.endswith(_TMP_SUFFIX)):
+                            continue
+                        try:
+                            if self._temp_is_stale(n, e.stat().st_mtime, now):
+                                os.unlink(e.path)
+                                removed += 1
+                        except FileNotFoundError:
+                            pass  # its writer published or another cleaner got there first
+        return removed
+
+    # -- paths ----------------------------------------------------------------------------
+
+    def _locate(self, key: ObjectKey) -> tuple[str, str]:
+        name = key.to_filename()
+        h = xxhash.xxh3_64_intdigest(name.encode("utf-8"))
+        root = self._roots[h % len(self._roots)]
+        if self._sharded:
+            root = os.path.join(root, f"{h >> 56:02x}", f"{(h >> 48) & 0xFF:02x}")
+        return root, os.path.join(root, name)
+
+    def object_path(self, key: ObjectKey) -> str:
+        """The file that holds ``key`` (whether or not it exists); for tools and tests."""
+        return self._locate(check_key(key))[1]
+
+    def _storable(self, key: ObjectKey) -> bool:
+        # Raw files have nowhere to keep a key that the (hashed) filename cannot give back.
+        return self._framed or not key.filename_is_overlong
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _prepare_put(self, job: _Job, payload: memoryview) -> IoOp:
+        directory = os.path.dirname(job.final)
+        job.tmp = os.path.join(directory, self._temp_name())
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+        if self._direct:
+            flags |= _O_DIRECT
+        try:
+            job.fd = os.open(job.tmp, flags, 0o644)
+        except FileNotFoundError:
+            # Shard directories are created on first use, which costs nothing per put.
+            os.makedirs(directory, exist_ok=True)
+            job.fd = os.open(job.tmp, flags, 0o644)
+        n = payload.nbytes
+        bufs: list[memoryview] = []
+        header = encode_header(job.key, n, checksum(payload), padded=True) if self._framed else b""
+        if not self._direct:
+            bufs = [memoryview(header), payload] if self._framed else [payload]
+        else:
+            if self._framed:
+                bufs.append(self._scratch(job, ALIGN, header))
+            body = n - n % ALIGN
+            if body:
+                if address_of(payload) % ALIGN == 0:
+                    bufs.append(payload[:body])  # straight from the caller's memory
+                else:
+                    bufs.append(self._scratch(job, body, payload[:body]))
+            if n - body:
+                bufs.append(self._scratch(job, ALIGN, payload[body:]))
+                job.truncate_to = self._head + n
+        bufs = [b for b in bufs if b.nbytes]
+        return IoOp(WRITE, job.fd, bufs, 0, sum(b.nbytes for b in bufs), self._finish_put, job)
+
+    def _scratch(self, job: _Job, size: int, fill: bytes | memoryview) -> memoryview:
+        """An aligned buffer of ``size`` bytes starting with ``fill``, zero-padded."""
+        s = aligned_buffer(size)
+        job.scratch.append(s)
+        view = s.view(size)
+        k = len(fill)
+        view[:k] = fill
+        if k < size:
+            view[k:] = bytes(size - k)
+        return view
+
+    def _finish_put(self, op: IoOp) -> None:
+        job: _Job = op.ctx
+        try:
+            if op.result < 0:
+                raise OSError(-op.result, os.strerror(-op.result), job.tmp)
+            if op.result != op.expect:
+                raise OSError(errno.EIO, "short write", job.tmp)
+            if job.truncate_to is not None:
+                os.ftruncate(job.fd, job.truncate_to)
+            policy = self.config.fsync
+            if policy == "data":
+                os.fdatasync(job.fd)
+            elif policy == "always":
+                os.fsync(job.fd)
+            os.close(job.fd)
+            job.fd = -1
+            os.rename(job.tmp, job.final)
+            job.tmp = ""
+            if policy == "always":
+                _fsync_dir(os.path.dirname(job.final))
+        except OSError as exc:
+            job.error = exc
+        finally:
+            self._discard(job)
+
+    def _discard(self, job: _Job) -> None:
+        job.release()
+        if job.tmp:
+            try:
+                os.unlink(job.tmp)
+            except FileNotFoundError:
+                pass
+            job.tmp = ""
+
+    def _put_batch(self, items: list[tuple[_Job, memoryview]]) -> list[BaseException | None]:
+        """Write ``items`` through the engine; one error (or None) per item, in order."""
+
+        def ops() -> Iterator[IoOp]:
+            # Lazily, so only the ops in flight hold a temp file and scratch memory.
+            for job, payload in items:
+                if job.error is not None:
+                    continue
+                try:
+                    yield self._prepare_put(job, payload)
+                except OSError as exc:
+                    job.error = exc
+                    self._discard(job)
+
+        try:
+            self._engine.run(ops())
+        finally:
+            for job, _ in items:
+                if job.fd >= 0 or job.tmp:  # only if the engine itself failed mid-batch
+                    job.error = job.error or OSError(errno.EIO, "I/O engine failed", job.tmp)
+                    self._discard(job)
+        return [job.error for job, _ in items]
+
+    def _put_jobs(self, key: ObjectKey, data: Buffer) -> tuple[_Job, memoryview]:
+        check_key(key)
+        payload = as_bytes_view(data)
+        job = _Job(key, self._locate(key)[1])
+        if not self._storable(key):
+            job.error = InvalidKeyError(
+                "key",
+                "its filename exceeds 255 bytes, and format=raw cannot keep the key in a "
+                "header; use format=framed",
+            )
+        return job, payload
+
+    async def put(self, key: ObjectKey, data: Buffer) -> None:
+        # docstring inherited
+        item = self._put_jobs(key, data)
+        _raise_first("put", await self._call("put", self._put_batch, [item]))
+
+    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+        # docstring inherited
+        batch = [self._put_jobs(k, d) for k, d in items]
+        if not batch:
+            return
+        parts = await asyncio.gather(
+            *(self._call("put_many", self._put_batch, chunk) for chunk in self._split(batch))
+        )
+        _raise_first("put_many", [e for part in parts for e in part])
+
+    def _split(self, items: list[_X]) -> list[list[_X]]:
+        """Cut a batch into the pieces that go to one worker thread each.
+
+        The threads engine runs one item per worker. The io_uring engine gets pieces of at
+        most ``queue_depth`` items (what one ring keeps in flight), and at least as many
+        pieces as there are cores (up to ``threads``), so that checksums and copies of a
+        big batch run on every core while the rings keep the device busy.
+        """
+        if not self._engine.batches:
+            return [[item] for item in items]
+        workers = max(1, min(self.config.threads, os.cpu_count() or 1))
+        size = max(1, min(self.config.queue_depth, -(-len(items) // workers)))
+        return [items[i : i + size] for i in range(0, len(items), size)]
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _prepare_read(self, job: _Job, out: memoryview | None, direct: bool) -> IoOp | None:
+        """Open the object and set up its read; None when there is nothing to read."""
+        flags = os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if direct else 0)
+        try:
+            job.fd = os.open(job.final, flags)
+        except FileNotFoundError:
+            return None
+        total = os.fstat(job.fd).st_size
+        n = total - self._head
+        if n < 0:
+            self._corrupt(job, f"truncated: {total} bytes, shorter than the header")
+            return None
+        if out is not None and n > out.nbytes:
+            raise BufferTooSmallError(n, out.nbytes)
+        job.size = n
+        job.out = out
+        bufs: list[memoryview] = []
+        if not direct and out is None and n <= _PREAD_MAX:
+            # Page-cache reads gain nothing from io_uring (they are memcpy-bound), and
+            # pread() fills a new bytes object directly: one copy instead of two. (Linux
+            # caps one read at ~2 GiB; bigger objects take the vectored path.)
+            header = os.pread(job.fd, self._head, 0) if self._framed else b""
+            data = os.pread(job.fd, n, self._head) if n else b""
+            self._verify(job, header, data, len(header) + len(data))
+            return None
+        if not direct:
+            if self._framed:
+                job.header = memoryview(bytearray(ALIGN))
+                bufs.append(job.header)
+            job.payload = out[:n] if out is not None else memoryview(bytearray(n))
+            bufs.append(job.payload)
+        elif out is not None and n and address_of(out) % ALIGN == 0:
+            # Straight into the caller's buffer; only the partial last block is bounced.
+            if self._framed:
+                job.header = self._scratch(job, ALIGN, b"")
+                bufs.append(job.header)
+            body = n - n % ALIGN
+            if body:
+                bufs.append(out[:body])
+            if n - body:
+                tail = self._scratch(job, ALIGN, b"")
+                bufs.append(tail)
+                job.copies.append((tail[: n - body], out[body:n]))
+            job.payload = out[:n]
+        else:
+            s = aligned_buffer(total)
+            job.scratch.append(s)
+            whole = s.view(_round_up(total))
+            bufs.append(whole)
+            job.header = whole[: self._head]
+            job.payload = whole[self._head : total]
+            job.bounced = True
+        bufs = [b for b in bufs if b.nbytes]
+        return IoOp(READ, job.fd, bufs, 0, total, self._finish_read, job)
+
+    def _finish_read(self, op: IoOp) -> None:
+        job: _Job = op.ctx
+        try:
+            if op.result < 0:
+                raise OSError(-op.result, os.strerror(-op.result), job.final)
+            for src, dst in job.copies:
+                dst[:] = src
+            assert job.payload is not None
+            self._verify(job, job.header or b"", job.payload, op.result)
+        except OSError as exc:
+            job.error = exc
+        finally:
+            job.release()
+
+    def _verify(
+        self, job: _Job, header: bytes | memoryview, payload: bytes | memoryview, got: int
+    ) -> None:
+        """Check what was read and set ``job.result``; a bad object becomes a miss."""
+        try:
+            if got != self._head + job.size:
+                raise CorruptObjectError(f"read {got} of {self._head + job.size} bytes")
+            if self._framed:
+                head = decode_header(header)
+                if head.key != job.key:
+                    raise CorruptObjectError(f"the header holds another key ({head.key})")
+                if head.payload_len != job.size:
+                    raise CorruptObjectError(
+                        f"header says {head.payload_len} payload bytes, the file has {job.size}"
+                    )
+                if checksum(payload) != head.checksum:
+                    raise CorruptObjectError("payload checksum mismatch")
+        except CorruptObjectError as exc:
+            self._corrupt(job, str(exc))
+            job.result = None
+            return
+        if job.out is None:
+            job.result = payload if isinstance(payload, bytes) else bytes(payload)
+        else:
+            if job.bounced:
+                job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
+            job.result = job.size
+
+    def _corrupt(self, job: _Job, why: str) -> None:
+        """Count a bad object, log it and remove it if the path still names the same file."""
+        with self._count_lock:
+            self.corrupt_objects += 1
+        log.warning("fs adapter: %s is corrupt (%s); treating it as a miss", job.final, why)
+        try:
+            if job.fd >= 0:
+                mine = os.fstat(job.fd)
+                now = os.stat(job.final)
+                if (mine.st_ino, mine.st_dev) != (now.st_ino, now.st_dev):
+                    return  # a writer has published a new object there meanwhile
+            os.unlink(job.final)
+        except OSError:
+            pass  # gone already, or not ours to remove: still a miss
+        finally:
+            job.release()
+
+    def _read_batch(
+        self, jobs: list[_Job], outs: Sequence[memoryview | None]
+    ) -> list[BaseException | None]:
+        direct = self._direct
+
+        def ops() -> Iterator[IoOp]:
+            for job, out in zip(jobs, outs, strict=True):
+                if not self._storable(job.key):
+                    continue
+                try:
+                    op = self._prepare_read(job, out, direct)
+                except (OSError, StorageError) as exc:
+                    job.error = exc
+                    job.release()
+                    continue
+                if op is None:
+                    job.release()
+                else:
+                    yield op
+
+        try:
+            self._engine.run(ops())
+        finally:
+            for job in jobs:
+                job.release()
+        return [job.error for job in jobs]
+
+    async def _read(self, what: str, keys: Sequence[ObjectKey]) -> list[Any]:
+        jobs = [_Job(check_key(k), self._locate(k)[1]) for k in keys]
+        parts = await asyncio.gather(
+            *(
+                self._call(what, self._read_batch, chunk, [None] * len(chunk))
+                for chunk in self._split(jobs)
+            )
+        )
+        _raise_first(what, [e for part in parts for e in part])
+        return [j.result for j in jobs]
+
+    async def get(self, key: ObjectKey) -> bytes | None:
+        # docstring inherited
+        result: bytes | None = (await self._read("get", [key]))[0]
+        return result
+
+    async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
+        # docstring inherited
+        if not keys:
+            return []
+        return await self._read("get_many", list(keys))
+
+    async def get_into(self, key: ObjectKey, out: Buffer) -> int | None:
+        # docstring inherited
+        job = _Job(check_key(key), self._locate(key)[1])
+        view = writable_view(out)
+        _raise_first("get_into", await self._call("get_into", self._read_batch, [job], [view]))
+        n: int | None = job.result
+        return n
+
+    # -- metadata -------------------------------------------------------------------------
+
+    def _size_sync(self, key: ObjectKey) -> int | None:
+        if not self._storable(key):
+            return None
+        job = _Job(key, self._locate(key)[1])
+        try:
+            job.fd = os.open(job.final, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            total = os.fstat(job.fd).st_size
+            if not self._framed:
+                return total
+            try:
+                header = decode_header(os.pread(job.fd, ALIGN, 0))
+                if header.key != key or header.payload_len != total - ALIGN:
+                    raise CorruptObjectError("header does not match the file")
+            except CorruptObjectError as exc:
+                self._corrupt(job, str(exc))
+                return None
+            return header.payload_len
+        finally:
+            job.release()
+
+    def _delete_sync(self, key: ObjectKey) -> bool:
+        if not self._storable(key):
+            return False
+        try:
+            os.unlink(self._locate(key)[1])
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def size(self, key: ObjectKey) -> int | None:
+        # docstring inherited
+        check_key(key)
+        return await self._call("size", self._size_sync, key)
+
+    async def exists(self, key: ObjectKey) -> bool:
+        # docstring inherited
+        return await self.size(key) is not None
+
+    async def delete(self, key: ObjectKey) -> bool:
+        # docstring inherited
+        check_key(key)
+        return await self._call("delete", self._delete_sync, key)
+
+    async def exists_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        # docstring inherited
+        ks = [check_key(k) for k in keys]
+        sizes = await self._call("exists_many", lambda: [self._size_sync(k) for k in ks])
+        return [s is not None for s in sizes]
+
+    async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        # docstring inherited
+        ks = [check_key(k) for k in keys]
+        return await self._call("delete_many", lambda: [self._delete_sync(k) for k in ks])
+
+    # -- listing --------------------------------------------------------------------------
+
+    def _scan_dirs(
+        self, dirs: list[str], model_name: str | None, cache_salt: str | None
+    ) -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        for d in dirs:
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    info = self._scan_entry(d, e, model_name, cache_salt)
+                    if info is not None:
+                        found.append(info)
+        return found
+
+    def _scan_entry(
+        self, d: str, e: os.DirEntry[str], model_name: str | None, cache_salt: str | None
+    ) -> ObjectInfo | None:
+        name = e.name
+        if name.startswith(".") or not name.endswith(".data"):
+            return None  # temp files and anything that is not ours
+        try:
+            if name.startswith("h-"):
+                if not self._framed:
+                    return None  # a raw file cannot say which key it holds
+                with open(e.path, "rb") as f:
+                    total = os.fstat(f.fileno()).st_size
+                    header = decode_header(f.read(ALIGN))
+                    mtime = os.fstat(f.fileno()).st_mtime
+                key = header.key
+                if key.to_filename() != name or header.payload_len != total - ALIGN:
+                    return None
+                size = header.payload_len
+            else:
+                key = ObjectKey.from_filename(name)
+                if model_name is not None and key.model_name != model_name:
+                    return None
+                if cache_salt is not None and key.cache_salt != cache_salt:
+                    return None
+                st = e.stat()
+                size, mtime = st.st_size - self._head, st.st_mtime
+                if size < 0:
+                    return None
+        except (InvalidKeyError, CorruptObjectError, FileNotFoundError):
+            return None  # not one of our objects, or gone since the listing
+        if model_name is not None and key.model_name != model_name:
+            return None
+        if cache_salt is not None and key.cache_salt != cache_salt:
+            return None
+        if self._locate(key)[0] != d:
+            return None  # a file get() would never look for (wrong shard or root)
+        return ObjectInfo(key, size, mtime)
+
+    def _scan_groups(self) -> list[list[str]]:
+        """Directories to list, grouped so that one worker-thread hop lists one group."""
+        if not self._sharded:
+            return [[root] for root in self._roots]
+        return [list(_subdirs(top)) for root in self._roots for top in _subdirs(root)]
+
+    async def scan(
+        self, model_name: str | None = None, cache_salt: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        # docstring inherited
+        groups = await self._call("scan", self._scan_groups)
+        for group in groups:
+            for info in await self._call("scan", self._scan_dirs, group, model_name, cache_salt):
+                yield info
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _call(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:
+            raise StorageError(f"fs {what}: the adapter is closed")
+        loop = asyncio.get_running_loop()
+        with _storage_errors(what):
+            return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def aclose(self) -> None:
+        # docstring inherited
+        if self._closed:
+            return
+        self._closed = True
+        # Waits for work already handed to the pool, so no ring is torn down under it.
+        await asyncio.to_thread(self._executor.shutdown, True)
+        self._engine.close()
+
+    def info(self) -> dict[str, Any]:
+        # docstring inherited
+        return {
+            "adapter": self.name,
+            "paths": list(self._roots),
+            "layout": self.config.layout,
+            "format": self.config.format,
+            "io_engine": self._engine.name,
+            "io_engine_requested": self.config.io_engine,
+            "io_engine_note": self._engine_note,
+            "direct_io": self._direct,
+            "direct_io_note": self._direct_note,
+            "queue_depth": self.config.queue_depth,
+            "threads": self.config.threads,
+            "fsync": self.config.fsync,
+            "verifies_checksums": self._framed,
+            "corrupt_objects": self.corrupt_objects,
+        }
+
+
+def _subdirs(d: str) -> Iterator[str]:
+    """Shard subdirectories (two lowercase hex digits) of ``d``, sorted."""
+    try:
+        with os.scandir(d) as it:
+            names = sorted(
+                e.name
+                for e in it
+                if _SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for n in names:
+        yield os.path.join(d, n)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_first(what: str, errors: Iterable[BaseException | None]) -> None:
+    """Raise the first per-item error of a batch, through the OSError seam."""
+    with _storage_errors(what):
+        for exc in errors:
+            if exc is not None:
+                raise exc
