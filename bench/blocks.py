@@ -1,0 +1,229 @@
+"""Block-copy throughput: gather/scatter of paged KV blocks against a contiguous ``copy_``.
+
+Run ``python bench/blocks.py [--quick]``; prints one JSON object. Each case times
+``gather_blocks`` and ``scatter_blocks`` beside a ``torch`` ``copy_`` of the same number of
+contiguous bytes, interleaved in one loop so that noise from neighbours hits all three
+alike, and reports medians, GB/s and the ratio to ``copy_`` (target: >= 0.8). With CUDA it
+also times device -> pinned host gathers and pinned host -> device scatters beside a
+contiguous pinned ``copy_``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flexkv_store.transfer import chunk_shape, gather_blocks, kernel_available, scatter_blocks
+
+TARGET_RATIO = 0.8
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    layout: str
+    dtype: torch.dtype
+    num_layers: int
+    cache_blocks: int
+    chunk_blocks: int
+    block_size: int = 16
+    num_kv_heads: int = 8
+    head_size: int = 128
+
+
+def _layer_shape(case: Case) -> tuple[int, ...]:
+    nb, bs, h, d = case.cache_blocks, case.block_size, case.num_kv_heads, case.head_size
+    if case.layout == "vllm":
+        return (2, nb, bs, h, d)
+    if case.layout == "flashinfer":
+        return (nb, 2, bs, h, d)
+    if case.layout == "mla":
+        return (nb, bs, d)
+    raise ValueError(f"layout: the benchmark has no case for {case.layout!r}")
+
+
+def _make_caches(case: Case, device: torch.device, *, one_allocation: bool) -> list[torch.Tensor]:
+    """Per-layer caches: separate tensors (as vLLM allocates them), or views of one tensor."""
+    # Filled (not empty) so that every page is mapped before timing; values do not matter.
+    if one_allocation:
+        whole = torch.ones((case.num_layers, *_layer_shape(case)), dtype=case.dtype, device=device)
+        return list(whole.unbind(0))
+    return [
+        torch.ones(_layer_shape(case), dtype=case.dtype, device=device)
+        for _ in range(case.num_layers)
+    ]
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3)
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin ``reps`` times after one warm-up."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _cpu_case(case: Case, reps: int, rng: random.Random) -> dict[str, Any]:
+    cpu = torch.device("cpu")
+    caches = _make_caches(case, cpu, one_allocation=False)
+    shared = _make_caches(case, cpu, one_allocation=True)
+    ids = rng.sample(range(case.cache_blocks), case.chunk_blocks)
+    chunk = torch.empty(chunk_shape(caches, len(ids), case.layout), dtype=case.dtype)
+    nbytes = chunk.numel() * chunk.element_size()
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    src.fill_(1)
+    medians = _interleaved(
+        {
+            "copy": lambda: dst.copy_(src),
+            "gather": lambda: gather_blocks(caches, ids, chunk, case.layout),
+            "scatter": lambda: scatter_blocks(chunk, caches, ids, case.layout),
+            "gather_one": lambda: gather_blocks(shared, ids, chunk, case.layout),
+            "scatter_one": lambda: scatter_blocks(chunk, shared, ids, case.layout),
+        },
+        reps,
+    )
+    copy_gbps = _gbps(nbytes, medians["copy"])
+    figures = {name: _gbps(nbytes, seconds) for name, seconds in medians.items()}
+    return {
+        "case": case.name,
+        "layout": case.layout,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "num_layers": case.num_layers,
+        "block_size": case.block_size,
+        "num_kv_heads": case.num_kv_heads,
+        "head_size": case.head_size,
+        "chunk_blocks": case.chunk_blocks,
+        "chunk_bytes": nbytes,
+        "copy_gbps": copy_gbps,
+        # Layers as separate tensors: one torch op per plane.
+        "gather_gbps": figures["gather"],
+        "scatter_gbps": figures["scatter"],
+        "gather_ratio": round(figures["gather"] / copy_gbps, 3),
+        "scatter_ratio": round(figures["scatter"] / copy_gbps, 3),
+        # Layers as views of one allocation: one torch op for all layers.
+        "one_allocation_gather_gbps": figures["gather_one"],
+        "one_allocation_scatter_gbps": figures["scatter_one"],
+        "one_allocation_gather_ratio": round(figures["gather_one"] / copy_gbps, 3),
+        "one_allocation_scatter_ratio": round(figures["scatter_one"] / copy_gbps, 3),
+    }
+
+
+def _cuda_case(case: Case, reps: int, rng: random.Random) -> dict[str, Any]:
+    dev = torch.device("cuda")
+    caches = _make_caches(case, dev, one_allocation=False)
+    ids = rng.sample(range(case.cache_blocks), case.chunk_blocks)
+    shape = chunk_shape(caches, len(ids), case.layout)
+    host = torch.empty(shape, dtype=case.dtype, pin_memory=True)
+    nbytes = host.numel() * host.element_size()
+    dev_flat = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    host_flat = host.view(-1).view(torch.uint8)
+
+    def synced(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            fn()
+            torch.cuda.synchronize()
+
+        return run
+
+    medians = _interleaved(
+        {
+            "d2h_copy": synced(lambda: host_flat.copy_(dev_flat, non_blocking=True)),
+            "gather_d2h": synced(lambda: gather_blocks(caches, ids, host, case.layout)),
+            "h2d_copy": synced(lambda: dev_flat.copy_(host_flat, non_blocking=True)),
+            "scatter_h2d": synced(lambda: scatter_blocks(host, caches, ids, case.layout)),
+        },
+        reps,
+    )
+    d2h = _gbps(nbytes, medians["d2h_copy"])
+    h2d = _gbps(nbytes, medians["h2d_copy"])
+    gather = _gbps(nbytes, medians["gather_d2h"])
+    scatter = _gbps(nbytes, medians["scatter_h2d"])
+    return {
+        "case": case.name,
+        "layout": case.layout,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "chunk_blocks": case.chunk_blocks,
+        "chunk_bytes": nbytes,
+        "d2h_copy_gbps": d2h,
+        "gather_d2h_gbps": gather,
+        "gather_ratio": round(gather / d2h, 3),
+        "h2d_copy_gbps": h2d,
+        "scatter_h2d_gbps": scatter,
+        "scatter_ratio": round(scatter / h2d, 3),
+    }
+
+
+def _cases(quick: bool) -> list[Case]:
+    large_cache, large_chunk = (256, 128) if quick else (512, 256)
+    return [
+        Case("vllm-fp16-32L-16blk", "vllm", torch.float16, 32, 256, 16),
+        Case("vllm-bf16-32L-16blk", "vllm", torch.bfloat16, 32, 256, 16),
+        Case("flashinfer-fp16-32L-16blk", "flashinfer", torch.float16, 32, 256, 16),
+        Case("mla-bf16-61L-16blk", "mla", torch.bfloat16, 61, 256, 16, 64, 1, 576),
+        Case(
+            f"vllm-bf16-32L-{large_chunk}blk",
+            "vllm",
+            torch.bfloat16,
+            32,
+            large_cache,
+            large_chunk,
+        ),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and return its figures (``python bench/blocks.py`` prints them)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller cases")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
+    args = parser.parse_args(argv)
+    reps = args.reps or (5 if args.quick else 11)
+    rng = random.Random(0)
+    cases = _cases(args.quick)
+    cpu_results = [_cpu_case(case, reps, rng) for case in cases]
+    result: dict[str, Any] = {
+        "benchmark": "blocks",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "target_ratio": TARGET_RATIO,
+        "cpu": cpu_results,
+        "cpu_meets_target": {
+            layers: all(
+                r[f"{prefix}gather_ratio"] >= TARGET_RATIO
+                and r[f"{prefix}scatter_ratio"] >= TARGET_RATIO
+                for r in cpu_results
+            )
+            for layers, prefix in (("separate", ""), ("one_allocation", "one_allocation_"))
+        },
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        result["cuda"] = {
+            "device": torch.cuda.get_device_name(),
+            "kernel": kernel_available(),
+            "cases": [_cuda_case(case, reps, rng) for case in cases],
+        }
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:]), indent=2))
