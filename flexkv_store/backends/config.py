@@ -262,14 +262,25 @@ class S3Config(AdapterConfig):
 def config_error(exc: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
     """Turn a pydantic error into a ConfigError that points at the field and the rule."""
     lines = []
-    valid = sorted(n for n in model.model_fields)
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key {loc!r}; valid keys: {', '.join(valid)}")
+            valid = ", ".join(sorted(_model_at(model, err["loc"][:-1]).model_fields))
+            lines.append(f"{where}: unknown key {loc!r}; valid keys: {valid}")
         else:
             lines.append(f"{where}: {loc or 'value'}: {err['msg']}")
     return ConfigError("; ".join(lines))
+
+
+def _model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel]:
+    """The (sub)model that ``path`` points into, for listing its valid keys."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return model
+        model = sub
+    return model
 
 
 def validate_config(model: type[_M], data: Any, *, where: str) -> _M:
