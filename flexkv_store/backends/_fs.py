@@ -29,6 +29,11 @@ unaligned buffer through an aligned bounce buffer; a payload that does not end o
 boundary is written with its last block zero-padded and the file is then truncated to
 exactly header + payload bytes (so sizes stay exact and the padding never shows).
 
+Checking. :meth:`FsAdapter.check` (``flexkv-store fsck``) walks every directory without
+side effects: headers decoded, payload checksums verified in chunks, temp files and foreign
+files listed; with ``repair`` it removes corrupt objects and abandoned temp files (by the
+same rules as the open-time cleanup) and never touches foreign files.
+
 Errors. Every ``OSError`` becomes a :class:`~flexkv_store.errors.StorageError` at one seam
 (:func:`_storage_errors`); a failed put leaves no temp file behind. A file that fails its
 header or checksum check is a miss: it is counted in :attr:`FsAdapter.corrupt_objects`,
@@ -70,6 +75,7 @@ from flexkv_store.backends._io import (
 from flexkv_store.backends.base import (
     Buffer,
     Capabilities,
+    CheckReport,
     L2Adapter,
     ObjectInfo,
     check_key,
@@ -95,6 +101,10 @@ _X = TypeVar("_X")
 _TMP_PREFIX = ".tmp-"
 _TMP_SUFFIX = ".part"
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
+#: What ObjectKey.to_filename gives for a key whose filename would be overlong.
+_HASHED_NAME_RE = re.compile(r"h-[0-9a-f]{64}\.data")
+#: check() streams payloads through a buffer of this size (never a whole object at once).
+_CHECK_CHUNK = 4 << 20
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
@@ -202,6 +212,10 @@ class _Job:
         for s in self.scratch:
             s.release()
         self.scratch.clear()
+
+
+#: Files the Store keeps in an fs root (its quota state and that file's temp copies).
+_STORE_FILES = re.compile(r"\.?flexkv-quota\.json(?:\..+\.tmp)?")
 
 
 class FsAdapter(L2Adapter):
@@ -326,11 +340,16 @@ class FsAdapter(L2Adapter):
 
     def _locate(self, key: ObjectKey) -> tuple[str, str]:
         name = key.to_filename()
+        directory = self._dir_of(name)
+        return directory, os.path.join(directory, name)
+
+    def _dir_of(self, name: str) -> str:
+        """The directory that holds the object file ``name`` (root, then shards)."""
         h = xxhash.xxh3_64_intdigest(name.encode("utf-8"))
         root = self._roots[h % len(self._roots)]
         if self._sharded:
             root = os.path.join(root, f"{h >> 56:02x}", f"{(h >> 48) & 0xFF:02x}")
-        return root, os.path.join(root, name)
+        return root
 
     def object_path(self, key: ObjectKey) -> str:
         """The file that holds ``key`` (whether or not it exists); for tools and tests."""
@@ -786,6 +805,185 @@ class FsAdapter(L2Adapter):
             for info in await self._call("scan", self._scan_dirs, group, model_name, cache_salt):
                 yield info
 
+    # -- fsck -----------------------------------------------------------------------------
+
+    async def check(self, *, repair: bool = False) -> CheckReport:
+        """Verify every file under the data directories; change nothing unless ``repair``.
+
+        Every object file's header is decoded and its payload checksum verified, streamed
+        in chunks of a few MiB (``raw`` files carry no checksum: they are only counted and
+        sized). ``objects``/``bytes`` count every object file examined, corrupt ones
+        included (their bytes as found on disk). Findings:
+
+        - ``corrupt``: a bad header, a truncated or over-long file, another key's object, a
+          checksum mismatch. Listed by wire key when the header is intact and names this
+          file's own key, else by path.
+        - ``temp_files``: ``.tmp-*.part`` files (interrupted or in-flight writes).
+        - ``foreign``: anything else, including object-like names in a directory where
+          :meth:`get` would never look for them. Never touched, even with ``repair``.
+
+        With ``repair``, corrupt objects are removed only while their path still names the
+        file that was checked (an object published meanwhile survives), and temp files by
+        the open-time cleanup's rules: every one of a dead writer on this host, any other
+        only once older than :attr:`stale_temp_seconds`, so a live writer is never cut
+        short. ``removed`` counts both kinds.
+        """
+        report = CheckReport()
+        now = time.time()
+        for group in await self._call("check", self._check_groups):
+            part = await self._call("check", self._check_dirs, group, repair, now)
+            report.objects += part.objects
+            report.bytes += part.bytes
+            report.corrupt += part.corrupt
+            report.temp_files += part.temp_files
+            report.foreign += part.foreign
+            report.removed += part.removed
+        return report
+
+    def _check_groups(self) -> list[list[tuple[str, bool]]]:
+        """``(directory, holds_objects)`` lists, one worker-thread hop per list.
+
+        Sharded roots and first-level shard directories hold only shard directories (and
+        the odd temp file); anything else there is foreign.
+        """
+        if not self._sharded:
+            return [[(root, True)] for root in self._roots]
+        groups: list[list[tuple[str, bool]]] = []
+        for root in self._roots:
+            groups.append([(root, False)])
+            for top in _subdirs(root):
+                groups.append([(top, False), *((d, True) for d in _subdirs(top))])
+        return groups
+
+    def _check_dirs(self, group: list[tuple[str, bool]], repair: bool, now: float) -> CheckReport:
+        report = CheckReport()
+        scratch = aligned_buffer(_CHECK_CHUNK)  # per-thread cached; pages touched on use
+        try:
+            self._check_entries(group, repair, now, report, scratch.view(_CHECK_CHUNK))
+        finally:
+            scratch.release()
+        return report
+
+    def _check_entries(
+        self,
+        group: list[tuple[str, bool]],
+        repair: bool,
+        now: float,
+        report: CheckReport,
+        chunk: memoryview,
+    ) -> None:
+        for d, holds_objects in group:
+            try:
+                with os.scandir(d) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for e in entries:
+                name = e.name
+                if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX):
+                    report.temp_files.append(e.path)
+                    if repair and self._remove_temp_if_stale(e, now):
+                        report.removed += 1
+                    continue
+                if (
+                    not holds_objects
+                    and self._sharded
+                    and _SHARD_RE.fullmatch(name)
+                    and e.is_dir(follow_symlinks=False)
+                ):
+                    continue  # a shard directory: its own group walks it
+                if holds_objects and self._check_object(d, e, repair, report, chunk):
+                    continue
+                if d in self._roots and _STORE_FILES.fullmatch(name):
+                    continue  # the store's quota state, kept next to the data by default
+                report.foreign.append(e.path)
+
+    def _remove_temp_if_stale(self, e: os.DirEntry[str], now: float) -> bool:
+        try:
+            if not self._temp_is_stale(e.name, e.stat().st_mtime, now):
+                return False
+            os.unlink(e.path)
+        except FileNotFoundError:
+            return False  # its writer published it, or another cleaner got there first
+        return True
+
+    def _is_object_name(self, d: str, name: str) -> bool:
+        """Whether ``name`` in ``d`` is a file this adapter may have written there."""
+        if name.startswith(".") or not name.endswith(".data"):
+            return False
+        if _HASHED_NAME_RE.fullmatch(name):
+            if not self._framed:
+                return False  # raw files never use hashed names
+        else:
+            try:
+                ObjectKey.from_filename(name)
+            except InvalidKeyError:
+                return False
+        # Placement depends only on the name, so a copy in the wrong shard or root is
+        # something get() never reads: not ours to judge or remove.
+        return self._dir_of(name) == d
+
+    def _check_object(
+        self, d: str, e: os.DirEntry[str], repair: bool, report: CheckReport, chunk: memoryview
+    ) -> bool:
+        """Examine one directory entry; False if it is not an object file (so foreign)."""
+        if not self._is_object_name(d, e.name) or not e.is_file(follow_symlinks=False):
+            return False
+        try:
+            fd = os.open(e.path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return True  # deleted since the listing: nothing left to examine
+        try:
+            total = os.fstat(fd).st_size
+            report.objects += 1
+            report.bytes += max(0, total - self._head)
+            if not self._framed:
+                return True
+            problem, wire = self._verify_file(fd, total, e.name, chunk)
+            if problem is None:
+                return True
+            report.corrupt.append(wire or e.path)
+            log.warning("fs check: %s is corrupt (%s)", e.path, problem)
+            if repair and _unlink_if_same(fd, e.path):
+                report.removed += 1
+        finally:
+            os.close(fd)
+        return True
+
+    def _verify_file(
+        self, fd: int, total: int, name: str, chunk: memoryview
+    ) -> tuple[str | None, str | None]:
+        """``(problem or None, wire key or None)`` for a framed object file.
+
+        The same checks as a read, with the payload streamed through ``chunk`` so that a
+        64 MiB object never sits in memory whole.
+        """
+        if total < ALIGN:
+            return f"truncated: {total} bytes, shorter than the header", None
+        try:
+            head = decode_header(os.pread(fd, ALIGN, 0))
+        except CorruptObjectError as exc:
+            return str(exc), None
+        if head.header_len != ALIGN:
+            return "the header is not padded to 4096 bytes", None
+        if head.key.to_filename() != name:
+            return f"the header holds another key ({head.key})", None
+        wire = head.key.to_wire()
+        n = total - ALIGN
+        if head.payload_len != n:
+            return f"header says {head.payload_len} payload bytes, the file has {n}", wire
+        h = xxhash.xxh3_64()
+        offset = ALIGN
+        while offset < total:
+            got = os.preadv(fd, [chunk[: min(chunk.nbytes, total - offset)]], offset)
+            if got == 0:
+                return "truncated while being checked", wire
+            h.update(chunk[:got])
+            offset += got
+        if h.intdigest() != head.checksum:
+            return "payload checksum mismatch", wire
+        return None, wire
+
     # -- plumbing -------------------------------------------------------------------------
 
     async def _call(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
@@ -837,6 +1035,19 @@ def _subdirs(d: str) -> Iterator[str]:
         return
     for n in names:
         yield os.path.join(d, n)
+
+
+def _unlink_if_same(fd: int, path: str) -> bool:
+    """Remove ``path`` if it still names the file open as ``fd`` (not a newer object)."""
+    try:
+        mine = os.fstat(fd)
+        now = os.stat(path)
+        if (mine.st_ino, mine.st_dev) != (now.st_ino, now.st_dev):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _fsync_dir(path: str) -> None:
