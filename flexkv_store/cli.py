@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flexkv_store.errors import BackendUnavailableError, ConfigError, FlexKVStoreError
@@ -111,7 +112,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     store: Store = open_store(cfg)
     app = create_app(store, token=token)
-    server = uvicorn.Server(
+
+    class GracefulServer(uvicorn.Server):
+        """Stops on SIGINT/SIGTERM after finishing requests, then lets us close the store
+        and exit 0 (uvicorn would re-raise the signal and skip our clean-up)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", None)
+                    if isinstance(captured, list):
+                        captured.clear()
+
+    server = GracefulServer(
         uvicorn.Config(app, host=host, port=port, log_level=args.log_level, access_log=False)
     )
 
@@ -128,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await server.serve()  # handles SIGINT/SIGTERM: finishes requests, then returns
         finally:
             await store.close()
+            err.print("flexkv-store: stopped, store closed")
 
     asyncio.run(run())
     return EXIT_OK

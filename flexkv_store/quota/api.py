@@ -88,15 +88,13 @@ def parse_limit(body: bytes) -> int:
         raise ApiError(400, f"{field}: must be finite", field)
     if value < 0:
         raise ApiError(400, f"{field}: must not be negative", field)
-    if field == "limit_bytes":
-        if isinstance(value, float) and not value.is_integer():
-            raise ApiError(400, "limit_bytes: must be a whole number of bytes", field)
-        limit = int(value)
-    else:
-        limit = round(value * GIB)
-    if limit > MAX_LIMIT_BYTES:
+    if field == "limit_bytes" and isinstance(value, float) and not value.is_integer():
+        raise ApiError(400, "limit_bytes: must be a whole number of bytes", field)
+    scaled = value * GIB if field == "limit_gb" else value
+    # Compare before converting: a huge finite limit_gb overflows to inf when scaled.
+    if not scaled <= MAX_LIMIT_BYTES:
         raise ApiError(400, f"{field}: must be at most {MAX_LIMIT_BYTES} bytes (1 EiB)", field)
-    return limit
+    return round(scaled) if field == "limit_gb" else int(scaled)
 
 
 _PUT_BODY = {
@@ -153,6 +151,14 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = str(request.scope.get("path", ""))  # decoded; url.path drops control chars
+        for prefix in ("/api/quota/", "/quota/"):
+            # The path converter does not match line breaks, so such salts end up here.
+            if exc.status_code == 404 and path.startswith(prefix):
+                try:
+                    _path_salt(path[len(prefix) :])
+                except ApiError as bad:
+                    return await _api_error(request, bad)
         return JSONResponse({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
 
     @app.exception_handler(FlexKVStoreError)
