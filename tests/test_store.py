@@ -336,8 +336,11 @@ class StoreMachine(RuleBasedStateMachine):
             assert list(dict(self.store.lru.iter_lru(salt))) == list(self.model[salt])
 
     def teardown(self) -> None:
+        import shutil
+
         self.run(self.store.close())
         self.loop.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _mkdtemp() -> str:
