@@ -101,9 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _store_config(args)
     host = args.host or cfg.admin.host
     port = cfg.admin.port if args.port is None else args.port
-    token = os.environ.get("FLEXKV_STORE_ADMIN_TOKEN") or (
-        cfg.admin.token.get_secret_value() if cfg.admin.token else None
-    )
+    # FLEXKV_STORE_ADMIN_TOKEN is already in cfg, below an explicit config file
+    token = cfg.admin.token.get_secret_value() if cfg.admin.token else None
     if not _is_loopback(host) and not token:
         raise CliError(
             f"refusing to serve the admin API on non-loopback address {host!r} without a "

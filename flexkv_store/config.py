@@ -57,7 +57,10 @@ DEFAULT_CACHE_DIR = "./flexkv-cache"
 def _gb_to_bytes(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{field}: must be a number of GiB")
-    gb = float(value)
+    try:
+        gb = float(value)
+    except ValueError:
+        raise ValueError(f"{field}: must be a number of GiB (got {value!r})") from None
     if not math.isfinite(gb) or gb < 0:
         raise ValueError(f"{field}: must be a finite, non-negative number of GiB")
     return round(gb * GIB)
@@ -158,7 +161,7 @@ class StoreConfig(BaseModel):
     @field_validator("backend", mode="before")
     @classmethod
     def _one_backend(cls, v: Any) -> Any:
-        return None if v is None else parse_adapter_config(v)
+        return None if v is None else parse_adapter_config(_url_table(v))
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -194,6 +197,20 @@ class StoreConfig(BaseModel):
         if self.admin.token is not None:
             out["admin"]["token"] = "**********"
         return out
+
+
+def _url_table(v: Any) -> Any:
+    """A backend table without ``type``: a URL plus keys that amend it (from the
+    environment: ``FLEXKV_STORE_BACKEND`` and ``FLEXKV_STORE_BACKEND__<KEY>``), or keys
+    alone, which amend the default fs backend (``FLEXKV_STORE_BACKEND__PATH=/mnt/kv``)."""
+    if not isinstance(v, Mapping) or "type" in v:
+        return v
+    rest = dict(v)
+    url = rest.pop("url", None)
+    if url is None:
+        return {"type": "fs", "path": DEFAULT_CACHE_DIR, **rest}
+    base = parse_adapter_config(str(url))
+    return {**base.model_dump(), **rest}
 
 
 def _env_value(raw: str) -> Any:
@@ -232,6 +249,13 @@ def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             target = out[section] = {"url": target}
         target[key] = _env_value(raw)
     return out
+
+
+def _fold_sections(doc: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _fold_gb(v) if k in _SECTIONS else v for k, v in doc.items()}
+
+
+_SECTIONS = ("l1", "quota", "admin", "metrics")
 
 
 def _merge(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,7 +318,11 @@ def load_config(
     if "backend" in explicit or "backends" in explicit:
         from_env.pop("backend", None)
         from_env.pop("backends", None)
-    merged = _merge(from_env, explicit)
+    try:
+        # GiB forms become bytes per source, so a file's *_gb overrides the env's *_bytes.
+        merged = _merge(_fold_sections(from_env), _fold_sections(explicit))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     try:
         return StoreConfig.model_validate(merged)
     except ValidationError as exc:

@@ -75,10 +75,33 @@ class _QuotaCollector(Collector):
         yield from (usage, objects, quota, evictions, evicted_bytes)
 
 
+class _CorruptCollector(Collector):
+    """Objects each backend found corrupt (and served as misses), from its own counter."""
+
+    def __init__(self, backends: Callable[[], list[tuple[str, object]]]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        corrupt = CounterMetricFamily(
+            "flexkv_store_corrupt_objects",
+            "Objects that failed their header or checksum check and were treated as misses",
+            labels=["backend"],
+        )
+        for label, adapter in self._backends():
+            count = getattr(adapter, "corrupt_objects", None)
+            if isinstance(count, int):
+                corrupt.add_metric([label], count)
+        yield corrupt
+
+
 class StoreMetrics:
     """Counters and histograms a store updates, in their own registry."""
 
-    def __init__(self, lru: Callable[[], UserLRU | None] | None = None) -> None:
+    def __init__(
+        self,
+        lru: Callable[[], UserLRU | None] | None = None,
+        backends: Callable[[], list[tuple[str, object]]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.operations = Counter(
@@ -100,12 +123,6 @@ class StoreMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.corrupt = Counter(
-            "flexkv_store_corrupt_objects",
-            "Objects that failed their checksum and were treated as misses",
-            ["backend"],
-            registry=r,
-        )
         self.backend_errors = Counter(
             "flexkv_store_backend_errors",
             "Backend failures (unavailable or storage errors) by backend and operation",
@@ -120,6 +137,8 @@ class StoreMetrics:
         )
         if lru is not None:
             r.register(_QuotaCollector(lru))
+        if backends is not None:
+            r.register(_CorruptCollector(backends))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -120,7 +120,11 @@ class Store:
         self.lru = lru if lru is not None else UserLRU()
         self._initial_quotas = dict(quotas or {})
         self._rebuild = rebuild
-        self.metrics = StoreMetrics(lambda: self.lru) if metrics else None
+        self.metrics = (
+            StoreMetrics(lambda: self.lru, lambda: list(zip(self._labels, self.backends)))
+            if metrics
+            else None
+        )
         self._salt_locks: dict[str, asyncio.Lock] = {}
         self._global_lock: asyncio.Lock | None = None
         self.quota = QuotaManager(
@@ -677,14 +681,28 @@ class BlockingStore:
         return self._run(self.store.lookup_prefix(keys))
 
     def put_blocks(
-        self, keys: Sequence[ObjectKey], kv_caches: Sequence[Any], block_ids: Any, layout: str
+        self,
+        keys: Sequence[ObjectKey],
+        kv_caches: Sequence[Any],
+        block_ids: Any,
+        layout: str,
+        *,
+        block_size: int | None = None,
     ) -> None:
-        self._run(self.store.put_blocks(keys, kv_caches, block_ids, layout))
+        self._run(self.store.put_blocks(keys, kv_caches, block_ids, layout, block_size=block_size))
 
     def get_blocks(
-        self, keys: Sequence[ObjectKey], kv_caches: Sequence[Any], block_ids: Any, layout: str
+        self,
+        keys: Sequence[ObjectKey],
+        kv_caches: Sequence[Any],
+        block_ids: Any,
+        layout: str,
+        *,
+        block_size: int | None = None,
     ) -> int:
-        return self._run(self.store.get_blocks(keys, kv_caches, block_ids, layout))
+        return self._run(
+            self.store.get_blocks(keys, kv_caches, block_ids, layout, block_size=block_size)
+        )
 
     def scan(
         self, model_name: str | None = None, cache_salt: str | None = None

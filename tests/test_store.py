@@ -365,3 +365,18 @@ class FsStoreMachine(StoreMachine):
 
 def test_store_state_machine_fs() -> None:
     run_state_machine_as_test(FsStoreMachine, settings=MACHINE_SETTINGS)
+
+
+async def test_corrupt_objects_are_counted_in_metrics(tmp_path: Path) -> None:
+    cfg = {"backend": {"type": "fs", "path": str(tmp_path), "layout": "flat"}}
+    async with open_store(cfg) as store:
+        k = key(1)
+        await store.put(k, b"payload" * 100)
+        path = tmp_path / k.to_filename()
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+        assert await store.get(k) is None
+        assert store.metrics is not None
+        text = store.metrics.render().decode()
+        assert 'flexkv_store_corrupt_objects_total{backend="fs"} 1.0' in text

@@ -61,6 +61,17 @@ class AdapterConfig(BaseModel):
         return out
 
 
+def _with_params(data: dict[str, Any], params: dict[str, str], url: str) -> dict[str, Any]:
+    """URL parts plus query parameters; a parameter may not repeat a part of the URL."""
+    clash = sorted(set(data) & set(params) - {"type"})
+    if clash or "type" in params:
+        raise ConfigError(
+            f"backend URL {url!r}: {', '.join(clash or ['type'])} is given by the URL itself; "
+            "do not repeat it as a query parameter"
+        )
+    return {**data, **params}
+
+
 def _query(url: str) -> tuple[Any, dict[str, str]]:
     parts = urlsplit(url)
     params: dict[str, str] = {}
@@ -82,7 +93,9 @@ class MemoryConfig(AdapterConfig):
     @classmethod
     def from_url(cls, url: str) -> MemoryConfig:
         _, params = _query(url)
-        return validate_config(cls, {"type": "memory", **params}, where="backend URL")
+        return validate_config(
+            cls, _with_params({"type": "memory"}, params, url), where="backend URL"
+        )
 
 
 class FsConfig(AdapterConfig):
@@ -131,7 +144,7 @@ class FsConfig(AdapterConfig):
         scheme_type = cls.model_fields["type"].default
         return validate_config(
             cls,
-            {"type": scheme_type, "path": unquote(parts.path), **params},
+            _with_params({"type": scheme_type, "path": unquote(parts.path)}, params, url),
             where="backend URL",
         )
 
@@ -214,8 +227,7 @@ class RedisConfig(AdapterConfig):
                 if not db.isdigit():
                     raise ConfigError(f"backend URL {url!r}: the path must be a db number")
                 data["db"] = int(db)
-        data.update(params)
-        return validate_config(cls, data, where="backend URL")
+        return validate_config(cls, _with_params(data, params, url), where="backend URL")
 
 
 class S3Config(AdapterConfig):
@@ -255,8 +267,7 @@ class S3Config(AdapterConfig):
         prefix = unquote(parts.path.lstrip("/"))
         if prefix:
             data["prefix"] = prefix
-        data.update(params)
-        return validate_config(cls, data, where="backend URL")
+        return validate_config(cls, _with_params(data, params, url), where="backend URL")
 
 
 def config_error(exc: ValidationError, where: str, model: type[BaseModel]) -> ConfigError:
@@ -268,7 +279,8 @@ def config_error(exc: ValidationError, where: str, model: type[BaseModel]) -> Co
             valid = ", ".join(sorted(_model_at(model, err["loc"][:-1]).model_fields))
             lines.append(f"{where}: unknown key {loc!r}; valid keys: {valid}")
         else:
-            lines.append(f"{where}: {loc or 'value'}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     return ConfigError("; ".join(lines))
 
 
