@@ -121,7 +121,9 @@ class Store:
         self._initial_quotas = dict(quotas or {})
         self._rebuild = rebuild
         self.metrics = (
-            StoreMetrics(lambda: self.lru, lambda: list(zip(self._labels, self.backends)))
+            StoreMetrics(
+                lambda: self.lru, lambda: list(zip(self._labels, self.backends, strict=True))
+            )
             if metrics
             else None
         )
