@@ -263,3 +263,20 @@ def test_default_credentials_chain(
             await a.delete(_key(6))
 
     asyncio.run(go())
+
+
+async def test_check_without_repair_keeps_corrupt_objects(
+    s3_config: Callable[..., S3Config],
+) -> None:
+    async with S3Adapter(s3_config()) as a:
+        key = ObjectKey("m", 0, b"\x01", "fsck")
+        await a.put(key, b"payload" * 10)
+        raw = bytearray(await TestS3Adapter().backdoor_read(a, key) or b"")
+        raw[-1] ^= 1
+        await TestS3Adapter().backdoor_write(a, key, bytes(raw))
+        report = await a.check()
+        assert report.corrupt == [key.to_wire()]
+        assert await TestS3Adapter().backdoor_read(a, key) is not None, "check changed nothing"
+        report = await a.check(repair=True)
+        assert report.removed == 1
+        assert await TestS3Adapter().backdoor_read(a, key) is None

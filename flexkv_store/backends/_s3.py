@@ -345,6 +345,8 @@ class S3Adapter(L2Adapter):
         # S3 has no compare-and-delete; a corrupt object is removed unconditionally. A
         # writer that replaced it in the last milliseconds loses its object: a later miss,
         # never wrong data.
+        if not self.delete_corrupt:
+            return
         try:
             await self._call(
                 "delete corrupt object",

@@ -112,6 +112,9 @@ class L2Adapter(ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: How many single operations the default batch methods run at once.
     batch_concurrency: int = 16
+    #: Whether a read that finds a corrupt object also deletes it (adapters that can honor
+    #: it do; the default :meth:`check` turns it off unless asked to repair).
+    delete_corrupt: bool = True
 
     # -- abstract core -----------------------------------------------------------------
 
@@ -193,18 +196,25 @@ class L2Adapter(ABC):
         """Verify every stored object; with ``repair``, remove what is corrupt or torn.
 
         Note to implementers: the default lists with :meth:`scan` and reads each object
-        with :meth:`get`, counting listed objects that read back as misses as corrupt;
-        adapters that delete corrupt objects on read remove them even without ``repair``.
-        Override it to verify without side effects and to find temp files.
+        with :meth:`get` (with :attr:`delete_corrupt` off unless repairing), counting listed
+        objects that read back as misses as corrupt. Override it to find temp files or to
+        verify without reading whole objects.
         """
         report = CheckReport()
-        async for info in self.scan():
-            report.objects += 1
-            report.bytes += info.size
-            if await self.get(info.key) is None:
-                report.corrupt.append(info.key.to_wire())
-                if repair and await self.delete(info.key):  # may be gone already
-                    report.removed += 1
+        previous = self.delete_corrupt
+        self.delete_corrupt = repair
+        try:
+            async for info in self.scan():
+                report.objects += 1
+                report.bytes += info.size
+                if await self.get(info.key) is None:
+                    report.corrupt.append(info.key.to_wire())
+                    if repair:
+                        await self.delete(info.key)  # the read may have removed it already
+                        if not await self.exists(info.key):
+                            report.removed += 1
+        finally:
+            self.delete_corrupt = previous
         return report
 
     async def aclose(self) -> None:
