@@ -25,6 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from flexkv_store._paths import csrc_dir
+
 __all__ = ["UringLib", "UringUnavailable", "cache_dir", "load", "source_dir"]
 
 _MODULE_PREFIX = "_flexkv_uring_"
@@ -50,11 +52,8 @@ _loaded: UringLib | UringUnavailable | None = None
 
 
 def source_dir() -> Path:
-    """Where ``uring_engine.c`` and ``uring_engine.h`` live (the repository's ``csrc``)."""
-    override = os.environ.get("FLEXKV_STORE_CSRC")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "csrc"
+    """Where ``uring_engine.c`` and ``uring_engine.h`` live (see :func:`csrc_dir`)."""
+    return csrc_dir()
 
 
 def cache_dir() -> Path:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from flexkv_store import _paths
+
 from ._layouts import Plane
 
 logger = logging.getLogger("flexkv_store.transfer")
@@ -31,11 +33,8 @@ _extension: Any = None
 
 
 def csrc_dir() -> Path:
-    """Where the kernel sources live: ``$FLEXKV_STORE_CSRC``, else the repository's ``csrc/``."""
-    override = os.environ.get("FLEXKV_STORE_CSRC")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "csrc"
+    """Where the kernel sources live (see :func:`flexkv_store._paths.csrc_dir`)."""
+    return _paths.csrc_dir()
 
 
 def cache_dir() -> Path:
