@@ -20,6 +20,7 @@ from flexkv_store.backends import (
     open_adapter,
     register_adapter,
 )
+from flexkv_store.config import StoreConfig, load_config
 from flexkv_store.errors import (
     BackendUnavailableError,
     BufferTooSmallError,
@@ -38,12 +39,14 @@ from flexkv_store.keyformat import (
     flexkv_block_hashes,
     vllm_block_hashes,
 )
+from flexkv_store.store import BlockingStore, Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "BackendUnavailableError",
+    "BlockingStore",
     "BufferTooSmallError",
     "Capabilities",
     "ConfigError",
@@ -56,12 +59,16 @@ __all__ = [
     "ObjectKey",
     "QuotaExceededError",
     "StorageError",
+    "Store",
+    "StoreConfig",
     "__version__",
     "available_adapters",
     "build_namespace",
     "chunk_keys",
     "flexkv_block_hashes",
+    "load_config",
     "open_adapter",
+    "open_store",
     "register_adapter",
     "vllm_block_hashes",
 ]

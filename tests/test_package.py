@@ -17,6 +17,8 @@ PUBLIC_MODULES = [
     "flexkv_store.errors",
     "flexkv_store.keyformat",
     "flexkv_store.backends",
+    "flexkv_store.quota",
+    "flexkv_store.transfer",
 ]
 
 
