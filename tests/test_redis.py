@@ -254,3 +254,21 @@ def test_retry_policy_is_the_asyncio_one() -> None:
     assert isinstance(retry, redis.asyncio.retry.Retry)
     assert retry._retries == 2
     asyncio.run(a.aclose())
+
+
+async def test_check_without_repair_keeps_corrupt_objects(
+    redis_config: Callable[..., RedisConfig],
+) -> None:
+    backdoor = TestRedisAdapter()
+    async with RedisAdapter(redis_config()) as a:
+        key = ObjectKey("m", 0, b"\x01", "fsck")
+        await a.put(key, b"payload" * 10)
+        raw = bytearray(await backdoor.backdoor_read(a, key) or b"")
+        raw[-1] ^= 1
+        await backdoor.backdoor_write(a, key, bytes(raw))
+        report = await a.check()
+        assert report.corrupt == [key.to_wire()]
+        assert await backdoor.backdoor_read(a, key) is not None, "check changed nothing"
+        report = await a.check(repair=True)
+        assert report.removed == 1
+        assert await backdoor.backdoor_read(a, key) is None

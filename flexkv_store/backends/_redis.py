@@ -313,6 +313,8 @@ class RedisAdapter(L2Adapter):
         """Count and log a corrupt value, and delete it if it is still the same value."""
         self.corrupt_objects += 1
         log.warning("redis: corrupt object %r treated as a miss: %s", name, exc)
+        if not self.delete_corrupt:
+            return
         try:
             with _seam("delete corrupt object"):
                 await self._client.eval(  # type: ignore[misc]
@@ -438,10 +440,11 @@ class RedisAdapter(L2Adapter):
             # ``head`` is a prefix of the value: enough to recognise it for the delete.
             self.corrupt_objects += 1
             log.warning("redis: corrupt object %r treated as a miss: %s", name, exc)
-            with _seam("delete corrupt object"):
-                await self._client.eval(  # type: ignore[misc]
-                    _DROP_SCRIPT, 1, name, total, head
-                )
+            if self.delete_corrupt:
+                with _seam("delete corrupt object"):
+                    await self._client.eval(  # type: ignore[misc]
+                        _DROP_SCRIPT, 1, name, total, head
+                    )
             return None
         return header.payload_len
 
