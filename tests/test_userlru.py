@@ -327,6 +327,26 @@ def test_set_capacity_evicts_in_global_order() -> None:
     assert lru.admit(key(3, "a"), 10**12).victims == []
 
 
+def test_global_order_survives_capacity_being_switched_on_and_off() -> None:
+    # Without a capacity the global order is kept as use stamps; with one, as a list.
+    lru = UserLRU()
+    for n in range(4):
+        lru.admit(key(n, "ab"[n % 2]), 10)
+    lru.touch(key(0, "a"))
+    lru.admit(key(1, "b"), 10)  # an overwrite is a use too
+    expected = [key(2, "a"), key(3, "b"), key(0, "a"), key(1, "b")]
+    assert order(lru) == expected
+    assert lru.set_capacity(10**6) == []
+    assert order(lru) == expected
+    lru.touch(key(2, "a"))
+    assert lru.set_capacity(None) == []
+    expected = [key(3, "b"), key(0, "a"), key(1, "b"), key(2, "a")]
+    assert order(lru) == expected
+    lru.remove(key(0, "a"))
+    assert lru.set_capacity(15) == [(key(3, "b"), 10), (key(1, "b"), 10)]
+    assert order(lru) == [key(2, "a")]
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "10", None])
 def test_bad_limits_are_config_errors(bad: object) -> None:
     lru = UserLRU()

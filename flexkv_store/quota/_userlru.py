@@ -6,14 +6,17 @@ returns from the backends. Quotas are persisted with :func:`save_quotas` and
 :func:`load_quotas`; accounting is rebuilt from a backend scan with :meth:`UserLRU.record`
 followed by :meth:`UserLRU.enforce`.
 
-Layout: every tracked object owns a slot, an int index into parallel columns (key, size,
-two doubly-linked orders, a write version); one ``dict`` maps each key to its slot. Each salt's
-LRU order and the global LRU order are circular lists threaded through the ``prev``/``next``
-columns, each with a sentinel slot, so linking and unlinking are branch-free O(1). Freed slots
-are reused. No per-object Python object is allocated besides the slot's int, so the structure
-adds nothing for the garbage collector to walk. ``bench/quota.py`` compares it with an
-``OrderedDict`` per salt plus a global one: about 125 against 176 bytes per object, and
-0.85-0.95 times its speed, at a million objects.
+Layout: every tracked object owns a slot, an int index into parallel columns (key, salt,
+size, two doubly-linked orders, a use stamp, a write version); one ``dict`` maps each key to
+its slot. Each salt's LRU order and the global LRU order are circular lists threaded through
+the ``prev``/``next`` columns, each with a sentinel slot, so linking and unlinking are
+branch-free O(1). The global order is kept only while a capacity is set (nothing else reads
+it); without one, a use stamps the object instead, and setting a capacity rebuilds the order
+from the stamps. Freed slots are reused. No per-object Python object is allocated besides the
+slot's int and its stamp, so the structure adds nothing for the garbage collector to walk.
+``bench/quota.py`` compares it with an ``OrderedDict`` per salt plus a global one: about 178
+against 176 bytes per object, and about 0.8 times its speed, at a million objects (both are
+bound by memory latency there: each operation touches a dozen cache lines).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import operator
 import os
 import tempfile
-from array import array
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Final, NamedTuple, SupportsIndex
@@ -49,6 +51,7 @@ _GLOBAL: Final = 0
 _FREE_END: Final = -1
 _VERSION_MASK: Final = 0xFFFFFFFF
 _STATE_FORMAT_VERSION: Final = 1
+_new_object: Final = object.__new__
 
 
 class Tally(NamedTuple):
@@ -162,8 +165,11 @@ class UserLRU:
     admits nothing, not even an empty object.
 
     Every call is O(1) amortised, except those that evict several objects, which are
-    O(victims), and those that re-apply limits to every salt (``set_default_quota``,
-    ``enforce``, ``replace_quotas``), which are O(salts + victims).
+    O(victims), those that re-apply limits to every salt (``set_default_quota``,
+    ``enforce``, ``replace_quotas``), which are O(salts + victims), and the two that
+    switch the global order on or off: ``set_capacity`` from ``None`` to a limit is
+    O(n log n) in the objects tracked, and back to ``None`` O(n); so is
+    ``iter_lru()`` of all salts while no capacity is set.
 
     Not thread-safe: callers serialize calls (the Store holds its lock around each). Calls
     never await, so asyncio callers on one event loop need no lock. Memory is reused but
@@ -180,12 +186,22 @@ class UserLRU:
         # and the links share the one int object per slot that the index already holds.
         self._keys: list[ObjectKey | None] = [None]
         self._size: list[int] = [0]
+        # The salt of each object (None for sentinels and free slots): saves touch and
+        # remove a key attribute read and a dict lookup.
+        self._owner: list[_Salt | None] = [None]
         self._sprev: list[int] = [_GLOBAL]
         self._snext: list[int] = [_GLOBAL]
+        # The global order is kept only while a capacity is set, the one thing that reads
+        # it. Otherwise each object carries a stamp of its last use instead (one store
+        # rather than two list relinks per use), and set_capacity rebuilds the order from
+        # the stamps. ``_gprev`` and ``_gnext`` are stale while no capacity is set, the
+        # stamps while one is.
         self._gprev: list[int] = [_GLOBAL]
         self._gnext: list[int] = [_GLOBAL]
-        # Read only by admit and rollback, so the compact array's slower access is fine.
-        self._version = array("I", [0])
+        self._stamp: list[int] = [0]
+        self._clock = 0
+        # Which write an admission was (see rollback); ints below 257 are shared objects.
+        self._version: list[int] = [0]
         # Freed slots form a stack threaded through _snext, so reuse costs no extra memory.
         self._free = _FREE_END
         self._total = 0
@@ -219,10 +235,15 @@ class UserLRU:
 
     def set_capacity(self, limit: int | None) -> list[Victim]:
         """Change ``capacity``; the store is evicted down to it at once, in global LRU order."""
-        self._capacity = _check_optional_limit(limit, "capacity")
+        new = _check_optional_limit(limit, "capacity")
+        if new is not None and self._capacity is None:
+            self._build_global_order()
+        elif new is None and self._capacity is not None:
+            self._stamp_global_order()
+        self._capacity = new
         victims: list[Victim] = []
-        if self._capacity is not None:
-            self._evict_global(_budget(self._capacity, 0), None, victims)
+        if new is not None:
+            self._evict_global(_budget(new, 0), None, victims)
         return victims
 
     def quota(self, salt: str) -> int | None:
@@ -316,8 +337,9 @@ class UserLRU:
             raise QuotaExceededError(salt, size, cap)
         if st is None:
             st = self._new_salt(salt)
-        sp, sn, gp, gn = self._sprev, self._snext, self._gprev, self._gnext
-        i = self._index.get(key)
+        sp, sn = self._sprev, self._snext
+        index = self._index
+        i = index.get(key)
         previous: int | None
         if i is None:
             previous = None
@@ -325,9 +347,10 @@ class UserLRU:
             if i != _FREE_END:
                 self._free = sn[i]
                 self._keys[i] = key
-                self._index[key] = i
+                self._owner[i] = st
+                index[key] = i
             else:
-                i = self._alloc(key)
+                i = self._alloc(key, st)
         else:
             # Unlinked while evicting, so the key can never be its own victim.
             previous = self._size[i]
@@ -335,10 +358,12 @@ class UserLRU:
             n = sn[i]
             sn[p] = n
             sp[n] = p
-            p = gp[i]
-            n = gn[i]
-            gn[p] = n
-            gp[n] = p
+            if cap is not None:
+                gp, gn = self._gprev, self._gnext
+                p = gp[i]
+                n = gn[i]
+                gn[p] = n
+                gp[n] = p
             st.used -= previous
             st.count -= 1
             self._total -= previous
@@ -354,11 +379,16 @@ class UserLRU:
         sp[i] = t
         sn[i] = s
         sp[s] = i
-        t = gp[_GLOBAL]
-        gn[t] = i
-        gp[i] = t
-        gn[i] = _GLOBAL
-        gp[_GLOBAL] = i
+        if cap is None:
+            self._clock = t = self._clock + 1
+            self._stamp[i] = t
+        else:
+            gp, gn = self._gprev, self._gnext
+            t = gp[_GLOBAL]
+            gn[t] = i
+            gp[i] = t
+            gn[i] = _GLOBAL
+            gp[_GLOBAL] = i
         self._size[i] = size
         st.used += size
         st.count += 1
@@ -367,7 +397,16 @@ class UserLRU:
         versions = self._version
         version = (versions[i] + 1) & _VERSION_MASK
         versions[i] = version
-        return Admission(key, size, previous, victims, i, version)
+        # Admission's __init__, inlined: a Python-level __init__ call costs more than the
+        # list surgery above.
+        adm = _new_object(Admission)
+        adm.key = key
+        adm.size = size
+        adm.previous_size = previous
+        adm.victims = victims
+        adm._slot = i
+        adm._version = version
+        return adm
 
     def rollback(self, admission: Admission) -> list[Victim]:
         """Undo ``admission`` after its write failed: restore the key's previous accounting.
@@ -382,7 +421,7 @@ class UserLRU:
         i = self._index.get(key)
         if i is None or i != admission._slot or self._version[i] != admission._version:
             return []
-        st = self._salts[key.cache_salt]
+        st: _Salt = self._owner[i]  # type: ignore[assignment]
         previous = admission.previous_size
         victims: list[Victim] = []
         if previous is None:
@@ -408,7 +447,7 @@ class UserLRU:
         i = self._index.get(key)
         if i is None:
             return False
-        s = self._salts[key.cache_salt].node
+        s = self._owner[i].node  # type: ignore[union-attr]
         sp = self._sprev
         if sp[s] != i:
             sn = self._snext
@@ -421,6 +460,10 @@ class UserLRU:
             sp[i] = t
             sn[i] = s
             sp[s] = i
+        if self._capacity is None:
+            self._clock = t = self._clock + 1
+            self._stamp[i] = t
+            return True
         gp = self._gprev
         if gp[_GLOBAL] != i:
             gn = self._gnext
@@ -440,22 +483,26 @@ class UserLRU:
         i = self._index.pop(key, None)
         if i is None:
             return None
-        st = self._salts[key.cache_salt]
-        sp, sn, gp, gn = self._sprev, self._snext, self._gprev, self._gnext
+        owner = self._owner
+        st: _Salt = owner[i]  # type: ignore[assignment]
+        sp, sn = self._sprev, self._snext
         p = sp[i]
         n = sn[i]
         sn[p] = n
         sp[n] = p
-        p = gp[i]
-        n = gn[i]
-        gn[p] = n
-        gp[n] = p
+        if self._capacity is not None:
+            gp, gn = self._gprev, self._gnext
+            p = gp[i]
+            n = gn[i]
+            gn[p] = n
+            gp[n] = p
         size = self._size[i]
         st.used -= size
         st.count -= 1
         self._total -= size
         self._count -= 1
         self._keys[i] = None
+        owner[i] = None
         sn[i] = self._free
         self._free = i
         if st.count == 0:
@@ -488,7 +535,7 @@ class UserLRU:
         st = self._salts.get(key.cache_salt) or self._new_salt(key.cache_salt)
         i = self._index.get(key)
         if i is None:
-            i = self._alloc(key)
+            i = self._alloc(key, st)
         else:
             self._unlink(i, st)
         self._link(i, st, size)
@@ -543,6 +590,12 @@ class UserLRU:
         Do not call other methods while iterating.
         """
         if salt is None:
+            if self._capacity is None:
+                for i in sorted(self._index.values(), key=self._stamp.__getitem__):
+                    key = self._keys[i]
+                    assert key is not None
+                    yield key, self._size[i]
+                return
             nxt, end = self._gnext, _GLOBAL
         else:
             st = self._salts.get(salt)
@@ -559,7 +612,7 @@ class UserLRU:
     # -- internals ---------------------------------------------------------------------
 
     def _new_salt(self, salt: str) -> _Salt:
-        node = self._alloc(None)
+        node = self._alloc(None, None)
         self._sprev[node] = node
         self._snext[node] = node
         st = _Salt(salt, node, self._default)
@@ -572,19 +625,22 @@ class UserLRU:
             del self._salts[st.name]
             self._free_slot(st.node)
 
-    def _alloc(self, key: ObjectKey | None) -> int:
+    def _alloc(self, key: ObjectKey | None, st: _Salt | None) -> int:
         i = self._free
         if i != _FREE_END:
             self._free = self._snext[i]
             self._keys[i] = key
+            self._owner[i] = st
         else:
             i = len(self._keys)
             self._keys.append(key)
+            self._owner.append(st)
             self._size.append(0)
             self._sprev.append(_GLOBAL)
             self._snext.append(_GLOBAL)
             self._gprev.append(_GLOBAL)
             self._gnext.append(_GLOBAL)
+            self._stamp.append(0)
             self._version.append(0)
         if key is not None:
             self._index[key] = i
@@ -592,21 +648,45 @@ class UserLRU:
 
     def _free_slot(self, i: int) -> None:
         self._keys[i] = None
+        self._owner[i] = None
         self._snext[i] = self._free
         self._free = i
 
+    def _build_global_order(self) -> None:
+        """Thread the global order through every object, by stamp (a capacity is coming)."""
+        gp, gn = self._gprev, self._gnext
+        t = _GLOBAL
+        for i in sorted(self._index.values(), key=self._stamp.__getitem__):
+            gn[t] = i
+            gp[i] = t
+            t = i
+        gn[t] = _GLOBAL
+        gp[_GLOBAL] = t
+
+    def _stamp_global_order(self) -> None:
+        """Stamp every object by its place in the global order (which is then dropped)."""
+        gn, stamp = self._gnext, self._stamp
+        clock = self._clock
+        i = gn[_GLOBAL]
+        while i != _GLOBAL:
+            clock += 1
+            stamp[i] = clock
+            i = gn[i]
+        self._clock = clock
+
     def _unlink(self, i: int, st: _Salt) -> None:
-        """Take slot ``i`` out of both orders and out of the byte and object counts."""
+        """Take slot ``i`` out of its orders and out of the byte and object counts."""
         sp, sn = self._sprev, self._snext
         p = sp[i]
         n = sn[i]
         sn[p] = n
         sp[n] = p
-        gp, gn = self._gprev, self._gnext
-        p = gp[i]
-        n = gn[i]
-        gn[p] = n
-        gp[n] = p
+        if self._capacity is not None:
+            gp, gn = self._gprev, self._gnext
+            p = gp[i]
+            n = gn[i]
+            gn[p] = n
+            gp[n] = p
         size = self._size[i]
         st.used -= size
         st.count -= 1
@@ -614,7 +694,7 @@ class UserLRU:
         self._count -= 1
 
     def _link(self, i: int, st: _Salt, size: int) -> None:
-        """Append slot ``i`` to both orders (most recently used) and count ``size`` bytes."""
+        """Make slot ``i`` most recently used in its orders and count ``size`` bytes."""
         s = st.node
         sp, sn = self._sprev, self._snext
         t = sp[s]
@@ -622,12 +702,16 @@ class UserLRU:
         sp[i] = t
         sn[i] = s
         sp[s] = i
-        gp, gn = self._gprev, self._gnext
-        t = gp[_GLOBAL]
-        gn[t] = i
-        gp[i] = t
-        gn[i] = _GLOBAL
-        gp[_GLOBAL] = i
+        if self._capacity is None:
+            self._clock += 1
+            self._stamp[i] = self._clock
+        else:
+            gp, gn = self._gprev, self._gnext
+            t = gp[_GLOBAL]
+            gn[t] = i
+            gp[i] = t
+            gn[i] = _GLOBAL
+            gp[_GLOBAL] = i
         self._size[i] = size
         st.used += size
         st.count += 1
@@ -663,7 +747,8 @@ class UserLRU:
         # Inlined _evict: admit lands here for nearly every put once a salt is full.
         s = st.node
         sp, sn, gp, gn = self._sprev, self._snext, self._gprev, self._gnext
-        keys, sizes, index = self._keys, self._size, self._index
+        keys, owner, sizes, index = self._keys, self._owner, self._size, self._index
+        linked = self._capacity is not None
         used = st.used
         count = st.count
         nbytes = 0
@@ -673,15 +758,17 @@ class UserLRU:
             n = sn[i]
             sn[s] = n
             sp[n] = s
-            p = gp[i]
-            n = gn[i]
-            gn[p] = n
-            gp[n] = p
+            if linked:
+                p = gp[i]
+                n = gn[i]
+                gn[p] = n
+                gp[n] = p
             key = keys[i]
             assert key is not None
             size = sizes[i]
             del index[key]
             keys[i] = None
+            owner[i] = None
             sn[i] = free
             free = i
             victims.append((key, size))
@@ -705,13 +792,11 @@ class UserLRU:
         ``keep`` is the salt being written to: it stays registered even if it runs empty.
         """
         gn = self._gnext
-        keys = self._keys
-        salts = self._salts
+        owner = self._owner
         while self._count and self._total > budget:
             j = gn[_GLOBAL]
-            key = keys[j]
-            assert key is not None
-            st = salts[key.cache_salt]
+            st = owner[j]
+            assert st is not None
             victims.append(self._evict(j, st))
             if st is not keep:
                 self._release_if_idle(st)
