@@ -205,14 +205,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"KV offload demo on {where} ({elapsed:.1f} s)", box=box.SIMPLE_HEAD)
-    for col in ("tenant", "quota\nMiB", "used\nMiB", "objects", "evicted", "hit %",
+    for col in ("tenant", "quota\nMiB", "used\nMiB", "objects", "evicted", "hit\nrate",
                 "put\nGB/s", "get\nGB/s", "verified"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "tenant" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "tenant" else "right", no_wrap=True,
+                         min_width=len(col.split("\n")[0]))  # fmt: skip
     for tenant, t in report["tenants"].items():
         table.add_row(
             tenant, f"{t['quota_bytes'] / MIB:.0f}", f"{t['usage_bytes'] / MIB:.0f}",
             str(t["objects"]), str(t["evictions"]),
-            f"{100 * t['hit_rate']:.0f} ({t['hits']}/{t['lookups']})",
+            f"{100 * t['hit_rate']:.0f}%",
             "-" if t["offload_gb_s"] is None else f"{t['offload_gb_s']:.2f}",
             "-" if t["reload_gb_s"] is None else f"{t['reload_gb_s']:.2f}",
             f"{t['verified_chunks'] - t['mismatches']}/{t['verified_chunks']}",
