@@ -266,9 +266,17 @@ def bench_userlru(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_admin_api(args: argparse.Namespace) -> dict[str, Any]:
+    """Admin API requests/s over a real socket, beside a bare FastAPI route (bench/api.py)."""
+    from bench import api
+
+    return api.main(["--quick"] if args.quick else [])
+
+
 #: (name, function of the parsed arguments) for each section of the report, in order.
 SECTIONS: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [
     ("userlru", bench_userlru),
+    ("admin_api", bench_admin_api),
 ]
 
 
