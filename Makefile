@@ -9,7 +9,6 @@ PY := $(VENV)/bin/python
 EXTRAS ?= redis,s3,server,test
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := redis-server redis-tools liburing-dev fio
 STAMP := $(VENV)/.flexkv-installed
 
 .PHONY: setup apt venv test lint typecheck pytest demo bench clean
@@ -22,13 +21,16 @@ apt:
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v fio >/dev/null || missing="$$missing fio"; \
 	[ -e /usr/include/liburing.h ] || missing="$$missing liburing-dev"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	$(PYTHON) -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null || missing="$$missing python3-dev"; \
+	$(PYTHON) -c "import ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing$$missing"; \
 	  $(SUDO) apt-get update -qq; \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(PY):
+$(PY): | apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
