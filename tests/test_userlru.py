@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def test_salts_lists_quotas_and_usage() -> None:
     assert lru.usage("nobody") == Tally(0, 0)
 
 
-def test_slots_are_reused() -> None:
+def test_freed_room_is_reused() -> None:
     lru = UserLRU()
     lru.set_quota("a", 10)
     for n in range(5000):
@@ -265,8 +266,9 @@ def test_slots_are_reused() -> None:
         lru.admit(key(n), 5)
         lru.remove(key(n, f"s{n % 7}"))
     assert lru.total_objects == 2
-    # Slots freed by evictions, removes and idle salts are taken before new ones.
-    assert len(lru._keys) < 20
+    # Room freed by evictions, removes and idle salts is reused, not grown past.
+    assert list(lru._salts) == ["a"]
+    assert sys.getsizeof(lru._global) < 2048
 
 
 # -- quotas, default, capacity -----------------------------------------------------------
@@ -328,7 +330,7 @@ def test_set_capacity_evicts_in_global_order() -> None:
 
 
 def test_global_order_survives_capacity_being_switched_on_and_off() -> None:
-    # Without a capacity the global order is kept as use stamps; with one, as a list.
+    # Switching the capacity on and off neither loses nor reorders the global order.
     lru = UserLRU()
     for n in range(4):
         lru.admit(key(n, "ab"[n % 2]), 10)
