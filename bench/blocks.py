@@ -3,9 +3,11 @@
 Run ``python bench/blocks.py [--quick]``; prints one JSON object. Each case times
 ``gather_blocks`` and ``scatter_blocks`` beside a ``torch`` ``copy_`` of the same number of
 contiguous bytes, interleaved in one loop so that noise from neighbours hits all three
-alike, and reports medians, GB/s and the ratio to ``copy_`` (target: >= 0.8). With CUDA it
-also times device -> pinned host gathers and pinned host -> device scatters beside a
-contiguous pinned ``copy_``.
+alike, and reports medians, GB/s and the ratio to ``copy_`` (target: >= 0.8). ``cpu_path``
+says which CPU path ran: ``"c"`` (``csrc/block_copy_cpu.c``) or ``"torch"`` (the fallback;
+``FLEXKV_STORE_DISABLE_CPU_KERNEL=1`` forces it, for comparison). With CUDA it also times
+device -> pinned host gathers and pinned host -> device scatters beside a contiguous pinned
+``copy_``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from flexkv_store.transfer import chunk_shape, gather_blocks, kernel_available, scatter_blocks
+from flexkv_store.transfer._cpu import cpu_path, cpu_path_note
 
 TARGET_RATIO = 0.8
 
@@ -113,12 +116,12 @@ def _cpu_case(case: Case, reps: int, rng: random.Random) -> dict[str, Any]:
         "chunk_blocks": case.chunk_blocks,
         "chunk_bytes": nbytes,
         "copy_gbps": copy_gbps,
-        # Layers as separate tensors: one torch op per plane.
+        # Layers as separate tensors (the torch fallback: one op per plane).
         "gather_gbps": figures["gather"],
         "scatter_gbps": figures["scatter"],
         "gather_ratio": round(figures["gather"] / copy_gbps, 3),
         "scatter_ratio": round(figures["scatter"] / copy_gbps, 3),
-        # Layers as views of one allocation: one torch op for all layers.
+        # Layers as views of one allocation (the torch fallback: one op for all layers).
         "one_allocation_gather_gbps": figures["gather_one"],
         "one_allocation_scatter_gbps": figures["scatter_one"],
         "one_allocation_gather_ratio": round(figures["gather_one"] / copy_gbps, 3),
@@ -203,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "blocks",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_path": cpu_path(),
+        "cpu_path_note": cpu_path_note(),
         "reps": reps,
         "target_ratio": TARGET_RATIO,
         "cpu": cpu_results,

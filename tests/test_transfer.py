@@ -1,12 +1,16 @@
-"""Block copies (flexkv_store.transfer): layouts, gather/scatter, validation, kernel, pool."""
+"""Block copies (flexkv_store.transfer): layouts, gather/scatter (the C and torch CPU paths),
+validation, kernels, pool."""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexkv_store.transfer import (
     LAYOUTS,
     BufferPool,
     KVCacheSpec,
+    _cpu,
     _cuda,
     chunk_nbytes,
     chunk_shape,
@@ -41,6 +46,25 @@ DTYPES = [
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(params=["c", "torch"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with CPU copies through the C routine and once through torch ops."""
+    path: str = request.param
+    if path == "torch":
+        monkeypatch.setattr(_cpu, "library", lambda: None)
+    elif _cpu.library() is None:
+        reason = f"the C block copy is unavailable: {_cpu.cpu_path_note()}"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+#: Gather/scatter tests run on both CPU paths; the results must be bit-identical.
+both_cpu_paths = pytest.mark.usefixtures("cpu_path")
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -167,6 +191,7 @@ def check_round_trip(
 # -- gather / scatter -----------------------------------------------------------------------
 
 
+@both_cpu_paths
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_round_trip_every_layout_and_dtype(layout: str, dtype: torch.dtype) -> None:
@@ -179,6 +204,7 @@ def test_round_trip_every_layout_and_dtype(layout: str, dtype: torch.dtype) -> N
     check_round_trip(caches, layout, 4, gather_ids, scatter_ids)
 
 
+@both_cpu_paths
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_allocation_matches_separate_tensors(layout: str) -> None:
     # Views of one storage take a single-op path; separate tensors one op per plane.
@@ -193,6 +219,9 @@ def test_one_allocation_matches_separate_tensors(layout: str) -> None:
     check_round_trip(shared, layout, 2, ids, ids)
 
 
+@both_cpu_paths
+# The fixture only selects a path; it holds no state that examples could share.
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     layout=st.sampled_from(LAYOUTS),
     dtype=st.sampled_from(DTYPES),
@@ -225,6 +254,7 @@ def test_round_trip_property(
     check_round_trip(caches, layout, bs, gather_ids, scatter_ids)
 
 
+@both_cpu_paths
 def test_misaligned_views_fall_back_to_narrow_words() -> None:
     # Layers at odd byte offsets of one buffer, 3-byte blocks: only byte-wide words fit.
     raw = torch.randint(0, 256, (1 + 2 * 2 * 5 * 3,), dtype=torch.uint8)
@@ -236,6 +266,7 @@ def test_misaligned_views_fall_back_to_narrow_words() -> None:
     check_round_trip(mla, "mla", 2, [5, 1], [2, 0, 5])
 
 
+@both_cpu_paths
 @pytest.mark.parametrize(
     "ids",
     [
@@ -245,8 +276,9 @@ def test_misaligned_views_fall_back_to_narrow_words() -> None:
         torch.tensor([3, 1]),
         np.array([3, 1], dtype=np.int64),
         [np.int64(3), np.int16(1)],
+        torch.tensor([3, 0, 1, 9])[::2],
     ],
-    ids=["list", "tuple", "int32-tensor", "int64-tensor", "numpy", "numpy-scalars"],
+    ids=["list", "tuple", "int32-tensor", "int64-tensor", "numpy", "numpy-scalars", "strided"],
 )
 def test_block_id_forms(ids: Any) -> None:
     gen = torch.Generator().manual_seed(1)
@@ -259,6 +291,7 @@ def test_block_id_forms(ids: Any) -> None:
     assert_same_bits(fresh[1][:, 3], caches[1][:, 3])
 
 
+@both_cpu_paths
 def test_range_block_ids() -> None:
     gen = torch.Generator().manual_seed(2)
     caches = make_caches("flashinfer", 2, 6, 2, 1, 4, torch.float32, gen)
@@ -268,6 +301,7 @@ def test_range_block_ids() -> None:
     assert_same_bits(out, reference_gather(caches, [2, 3, 4], "flashinfer", 2))
 
 
+@both_cpu_paths
 def test_sglang_block_size_from_chunk_or_argument() -> None:
     gen = torch.Generator().manual_seed(3)
     caches = make_caches("sglang", 2, 6, 4, 2, 2, torch.float16, gen)
@@ -575,6 +609,181 @@ def test_failed_scatter_writes_nothing() -> None:
     with pytest.raises(ValueError, match="appears more than once"):
         scatter_blocks(torch.ones(2, 2, 4, 1, 4), caches, [0, 0], "vllm")
     assert not any(c.any() for c in caches)
+
+
+# -- the C routine for CPU tensors ---------------------------------------------------------
+
+
+def needs_c_routine() -> Any:
+    module = _cpu.library()
+    if module is None:
+        reason = f"the C block copy is unavailable: {_cpu.cpu_path_note()}"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return module
+
+
+def test_cpu_path_names_the_c_routine() -> None:
+    needs_c_routine()
+    assert _cpu.cpu_path() == "c"
+    assert _cpu.cpu_path_note() is None
+
+
+def _odd_caches() -> tuple[list[Any], list[int], int]:
+    """MLA caches with 3000-byte blocks, 8 layers, 200 of 300 blocks: ~4.8 MB per chunk, so
+    pieces of the thread split start in the middle of blocks."""
+    gen = torch.Generator().manual_seed(21)
+    caches = make_caches("mla", 8, 300, 3, 1, 1000, torch.uint8, gen)
+    ids = random.Random(21).sample(range(300), 200)
+    return caches, ids, 3000
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_c_routine_thread_split_is_exact(threads: int) -> None:
+    module = needs_c_routine()
+    caches, ids, bb = _odd_caches()
+    spec = describe_kv_caches(caches, "mla")
+    index = torch.tensor(ids, dtype=torch.int64)
+    out = torch.zeros(spec.chunk_shape(len(ids)), dtype=torch.uint8)
+    ffi, lib = module.ffi, module.lib
+    addresses = ffi.new("uint64_t[]", [t.data_ptr() for t in caches])
+    id_ptr = ffi.cast("const int64_t *", index.data_ptr())
+    ran = lib.fkv_block_copy(
+        addresses, len(caches), id_ptr, len(ids), bb, bb, out.data_ptr(), 0, threads
+    )
+    assert 1 <= ran <= threads
+    assert_same_bits(out, reference_gather(caches, ids, "mla", 3))
+    fresh = zeros_like_caches(caches)
+    fresh_addresses = ffi.new("uint64_t[]", [t.data_ptr() for t in fresh])
+    lib.fkv_block_copy(
+        fresh_addresses, len(fresh), id_ptr, len(ids), bb, bb, out.data_ptr(), 1, threads
+    )
+    for layer in range(8):
+        for b in range(300):
+            got = block(fresh, "mla", 3, layer, 0, b)
+            if b in ids:
+                assert_same_bits(got, block(caches, "mla", 3, layer, 0, b))
+            else:
+                assert not as_bytes(got).any()
+
+
+def test_c_routine_matches_torch_path_on_large_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    needs_c_routine()
+    gen = torch.Generator().manual_seed(22)
+    caches = make_caches("flashinfer", 6, 64, 16, 4, 64, torch.bfloat16, gen)
+    ids = random.Random(22).sample(range(64), 48)
+    shape = chunk_shape(caches, len(ids), "flashinfer")
+    by_c = gather_blocks(caches, ids, torch.empty(shape, dtype=torch.bfloat16), "flashinfer")
+    fresh_c = zeros_like_caches(caches)
+    scatter_blocks(by_c, fresh_c, ids, "flashinfer")
+    monkeypatch.setattr(_cpu, "library", lambda: None)
+    by_torch = gather_blocks(caches, ids, torch.empty(shape, dtype=torch.bfloat16), "flashinfer")
+    fresh_torch = zeros_like_caches(caches)
+    scatter_blocks(by_torch, fresh_torch, ids, "flashinfer")
+    assert_same_bits(by_c, by_torch)
+    for a, b in zip(fresh_c, fresh_torch, strict=True):
+        assert_same_bits(a, b)
+
+
+def test_c_routine_concurrent_callers() -> None:
+    # One call at a time gets the helper threads; the others copy on their own thread.
+    needs_c_routine()
+    caches, ids, _ = _odd_caches()
+    expected = reference_gather(caches, ids, "mla", 3)
+    shape = chunk_shape(caches, len(ids), "mla")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(5):
+                out = torch.empty(shape, dtype=torch.uint8)
+                gather_blocks(caches, ids, out, "mla")
+                assert torch.equal(out, expected)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_c_routine_after_fork() -> None:
+    # libgomp's workers do not survive a fork (torch's own ops hang in such a child): the
+    # child copies on its one thread, and must not hang.
+    needs_c_routine()
+    caches, ids, _ = _odd_caches()
+    shape = chunk_shape(caches, len(ids), "mla")
+    expected = gather_blocks(caches, ids, torch.empty(shape, dtype=torch.uint8), "mla")
+    expected_bytes = expected.numpy().tobytes()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        code = 1
+        try:
+            out = torch.empty(shape, dtype=torch.uint8)
+            gather_blocks(caches, ids, out, "mla")
+            code = 0 if out.numpy().tobytes() == expected_bytes else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_c_build_failure_logs_once_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_cpu, "_loaded", False)
+    monkeypatch.setattr(_cpu, "_module", None)
+    monkeypatch.setattr(_cpu, "_reason", None)
+    monkeypatch.delenv("FLEXKV_STORE_DISABLE_CPU_KERNEL", raising=False)
+    monkeypatch.setenv("FLEXKV_STORE_CSRC", str(tmp_path / "no-sources"))
+    monkeypatch.setenv("FLEXKV_STORE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="flexkv_store.transfer"):
+        assert _cpu.library() is None
+        assert _cpu.cpu_path() == "torch"
+        check_round_trip(_vllm(), "vllm", 2, [3, 0], [1, 2])
+    warnings = [r for r in caplog.records if "using the torch path" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "C sources are not available" in warnings[0].getMessage()
+    note = _cpu.cpu_path_note()
+    assert note is not None and "C sources" in note
+
+
+def test_c_routine_builds_into_a_keyed_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    needs_c_routine()
+    monkeypatch.setattr(_cpu, "_loaded", False)
+    monkeypatch.setattr(_cpu, "_module", None)
+    monkeypatch.setattr(_cpu, "_reason", None)
+    monkeypatch.setenv("FLEXKV_STORE_CACHE_DIR", str(tmp_path))
+    module = _cpu.library()
+    assert module is not None
+    assert module.path.parent == tmp_path
+    assert module.path.name.startswith("_flexkv_block_copy_cpu_")
+    assert [p.name for p in tmp_path.iterdir()] == [module.path.name]
+
+
+def test_c_routine_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cpu, "_loaded", False)
+    monkeypatch.setattr(_cpu, "_module", None)
+    monkeypatch.setattr(_cpu, "_reason", None)
+    monkeypatch.setenv("FLEXKV_STORE_DISABLE_CPU_KERNEL", "1")
+    assert _cpu.cpu_path() == "torch"
+    assert "FLEXKV_STORE_DISABLE_CPU_KERNEL" in (_cpu.cpu_path_note() or "")
 
 
 # -- the CUDA kernel ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ This subpackage imports torch; ``import flexkv_store`` does not import it.
 """
 
 from ._copy import gather_blocks, scatter_blocks
+from ._cpu import cpu_path, cpu_path_note
 from ._cuda import kernel_available
 from ._layouts import (
     LAYOUTS,
@@ -39,6 +40,8 @@ __all__ = [
     "LayoutName",
     "chunk_nbytes",
     "chunk_shape",
+    "cpu_path",
+    "cpu_path_note",
     "describe_kv_caches",
     "gather_blocks",
     "kernel_available",

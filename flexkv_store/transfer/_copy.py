@@ -1,7 +1,8 @@
 """gather_blocks / scatter_blocks: paged KV blocks <-> a contiguous chunk, all layers per call.
 
-Two paths give bit-identical results. CUDA caches use the kernel in ``csrc/block_copy.cu``
-when it builds; everything else (CPU tensors, or CUDA without the kernel) uses torch ops on
+Three paths give bit-identical results. CUDA caches use the kernel in ``csrc/block_copy.cu``
+when it builds; CPU caches with a CPU chunk the C routine in ``csrc/block_copy_cpu.c`` (one
+call for every plane, see :mod:`._cpu`) when it builds; everything else uses torch ops on
 the blocks' bytes reinterpreted as the widest word that divides them: ``index_select(out=)``
 and ``index_copy_`` run per element, and a byte-typed ``index_copy_`` is about ten times
 slower than the same bytes copied as 8- or 16-byte words.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cuda
+from . import _cpu, _cuda
 from ._layouts import (
     BlockIds,
     KVCaches,
@@ -116,6 +117,26 @@ def _torch_copy(
             torch.index_select(blocks, 0, idx, out=chunk_planes[q])
 
 
+def _local_copy(
+    plane_list: list[Plane],
+    spec: KVCacheSpec,
+    index: torch.Tensor,
+    chunk: torch.Tensor,
+    *,
+    scatter: bool,
+) -> None:
+    """Copy without the CUDA kernel; ``chunk`` is on the caches' device. CPU tensors take
+    the C routine (one call for all planes, however the layers are allocated) when it is
+    available, everything else the torch ops."""
+    if spec.device.type == "cpu":
+        module = _cpu.library()
+        if module is not None and _cpu.copy(
+            module, plane_list, spec.block_nbytes, index, chunk, scatter=scatter
+        ):
+            return
+    _torch_copy(plane_list, spec, index, chunk, scatter=scatter)
+
+
 def _gather(
     kv_caches: KVCaches,
     spec: KVCacheSpec,
@@ -140,10 +161,10 @@ def _gather(
             torch.cuda.current_stream(spec.device).synchronize()
         return
     if out.device == spec.device:
-        _torch_copy(plane_list, spec, index, out, scatter=False)
+        _local_copy(plane_list, spec, index, out, scatter=False)
         return
     staged = torch.empty(out.shape, dtype=out.dtype, device=spec.device)
-    _torch_copy(plane_list, spec, index, staged, scatter=False)
+    _local_copy(plane_list, spec, index, staged, scatter=False)
     out.copy_(staged, non_blocking=non_blocking)
 
 
@@ -171,7 +192,7 @@ def _scatter(
     source = chunk
     if chunk.device != spec.device:
         source = chunk.to(spec.device, non_blocking=non_blocking)
-    _torch_copy(plane_list, spec, index, source, scatter=True)
+    _local_copy(plane_list, spec, index, source, scatter=True)
 
 
 def gather_blocks(
