@@ -27,10 +27,34 @@ def _is_ratio(key: str) -> bool:
     return "ratio" in key or "_over_" in key
 
 
+def _leaves(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Throughput and size figures (``*per_s*``, ``bytes_per*``) of a nested result."""
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "per_s" in k or "bytes_per" in k:
+                yield f"{prefix}{k}", v
+
+
 def rows(bench: str, node: Any, path: str = "") -> Iterator[tuple[str, str, str, str]]:
     """(bench, case, figures, ratios) for every object holding a ratio beside its figures."""
     if isinstance(node, dict):
         ratios = {k: v for k, v in node.items() if _is_ratio(k) and isinstance(v, (int, float))}
+        if isinstance(node.get("ratios"), dict):
+            # {"ours": {...}, "baseline": {...}, "ratios": {...}}: figures from the siblings
+            figures = {
+                f"{name}.{k}": v
+                for name, sub in node.items()
+                if name != "ratios" and isinstance(sub, dict)
+                for k, v in _leaves(sub)
+            }
+            yield (
+                bench,
+                path or "-",
+                ", ".join(f"{k}={v}" for k, v in figures.items()),
+                ", ".join(f"{k}={v}" for k, v in node["ratios"].items()),
+            )
         if ratios:
             figures = {
                 k: v
@@ -44,7 +68,7 @@ def rows(bench: str, node: Any, path: str = "") -> Iterator[tuple[str, str, str,
                 ", ".join(f"{k}={v}" for k, v in ratios.items()),
             )
         for k, v in node.items():
-            if isinstance(v, (dict, list)):
+            if isinstance(v, (dict, list)) and k != "ratios":
                 yield from rows(bench, v, f"{path}.{k}" if path else k)
     elif isinstance(node, list):
         for i, v in enumerate(node):
