@@ -32,9 +32,12 @@ def _leaves(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
     for k, v in node.items():
         if isinstance(v, dict):
             yield from _leaves(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            if "per_s" in k or "bytes_per" in k:
-                yield f"{prefix}{k}", v
+        elif (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and ("per_s" in k or "bytes_per" in k)
+        ):
+            yield f"{prefix}{k}", v
 
 
 def rows(bench: str, node: Any, path: str = "") -> Iterator[tuple[str, str, str, str]]:
