@@ -239,7 +239,10 @@ def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             value = _env_value(raw)
             if rest == "backends" and isinstance(value, str):
                 value = [u for u in value.split(",") if u]
-            out[rest] = value
+            if rest == "backend" and isinstance(out.get(rest), dict):
+                out[rest]["url"] = value  # keys seen before the URL amend it
+            else:
+                out[rest] = value
             continue
         if "__" not in rest:
             continue  # not ours (e.g. FLEXKV_STORE_ADMIN_TOKEN handled above)

@@ -128,6 +128,9 @@ class Store:
             else None
         )
         self._salt_locks: dict[str, asyncio.Lock] = {}
+        # Bumped by every delete and eviction: a read that overlapped one must not promote
+        # (copy back into L1 or an earlier backend) what was just removed.
+        self._removals = 0
         self._global_lock: asyncio.Lock | None = None
         self.quota = QuotaManager(
             self.lru, evict=self._evict, lock=self._all_writes_lock, state=quota_state
@@ -240,7 +243,8 @@ class Store:
     @contextlib.asynccontextmanager
     async def _all_writes_lock(self) -> AsyncIterator[None]:
         async with self._global():
-            locks = list(self._salt_locks.values())
+            # The same (sorted) order as _write_lock, or the two can deadlock.
+            locks = [self._salt_locks[s] for s in sorted(self._salt_locks)]
             async with contextlib.AsyncExitStack() as stack:
                 for lock in locks:
                     await stack.enter_async_context(lock)
@@ -289,32 +293,41 @@ class Store:
         if not batch:
             return
         for key, view in batch.items():
-            self._check_fits(key, view.nbytes)
+            self._check_fits(key, view.nbytes)  # fail fast, before waiting for the lock
         start = time.perf_counter()
         async with self._write_lock(k.cache_salt for k in batch):
+            # Again under the lock: a quota may have been lowered while we waited.
+            for key, view in batch.items():
+                self._check_fits(key, view.nbytes)
             admissions: list[Admission] = []
             pending: dict[ObjectKey, int] = {}
             doomed: list[Victim] = []
-            for key, view in batch.items():
-                adm = self.lru.admit(key, view.nbytes)
-                for victim in adm.victims:
-                    # A key of this very batch evicted by a later one is not written at all.
-                    pending.pop(victim[0], None)
-                    doomed.append(victim)
-                pending[key] = len(admissions)
-                admissions.append(adm)
-            await self._evict(doomed)
-            to_write = [(k, batch[k]) for k in pending]
-            written = await self._write_all(to_write)
-            if not written:
+            evicted = False
+            try:
+                for key, view in batch.items():
+                    adm = self.lru.admit(key, view.nbytes)
+                    for victim in adm.victims:
+                        # A key of this batch evicted by a later one is not written at all.
+                        pending.pop(victim[0], None)
+                        doomed.append(victim)
+                    pending[key] = len(admissions)
+                    admissions.append(adm)
+                await self._evict(doomed)
+                evicted = True
+                to_write = [(k, batch[k]) for k in pending]
+                if not await self._write_all(to_write):
+                    raise StorageError(
+                        f"no backend accepted the write of {len(to_write)} object(s); "
+                        "see the log and flexkv_store_backend_errors for the cause"
+                    )
+            except BaseException:
+                # Any failure (a backend error, a key a backend refuses, a cancelled task)
+                # leaves the accounting as if the put never happened.
                 undone: list[Victim] = []
                 for adm in reversed(admissions):
                     undone += self.lru.rollback(adm)
-                await self._evict(undone)
-                raise StorageError(
-                    f"no backend accepted the write of {len(to_write)} object(s); "
-                    "see the log and flexkv_store_backend_errors for the cause"
-                )
+                await self._evict(undone if evicted else undone + doomed)
+                raise
         if self._l1 is not None:
             for key, view in to_write:
                 self._l1.put(key, bytes(view))
@@ -359,6 +372,7 @@ class Store:
         """Delete objects the accounting already dropped, from every tier."""
         if not victims:
             return
+        self._removals += 1
         keys = [k for k, _ in victims]
         if self._l1 is not None:
             for k in keys:
@@ -380,6 +394,7 @@ class Store:
         keys = [check_key(k) for k in keys]
         found = [False] * len(keys)
         async with self._write_lock(k.cache_salt for k in keys):
+            self._removals += 1
             for i, k in enumerate(keys):
                 if self.lru.remove(k) is not None:
                     found[i] = True
@@ -409,6 +424,7 @@ class Store:
         await self._ready()
         keys = [check_key(k) for k in keys]
         start = time.perf_counter()
+        removals = self._removals
         out: list[bytes | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         if self._l1 is not None:
@@ -445,7 +461,7 @@ class Store:
         for i, data in enumerate(out):
             if data is not None:
                 self._hit(keys[i])
-        await self._promote([(keys[i], out[i], b) for i, b in found_in.items()])
+        await self._promote([(keys[i], out[i], b) for i, b in found_in.items()], removals)
         hits = sum(d is not None for d in out)
         if self.metrics is not None:
             self.metrics.operations.labels("store", "get", "hit").inc(hits)
@@ -453,13 +469,21 @@ class Store:
         self._observe("store", "get", start)
         return out
 
-    async def _promote(self, found: list[tuple[ObjectKey, bytes | None, int]]) -> None:
-        """Copy hits into L1 and into the backends before the one that had them."""
+    async def _promote(
+        self, found: list[tuple[ObjectKey, bytes | None, int]], removals: int
+    ) -> None:
+        """Copy hits into L1 and into the backends before the one that had them.
+
+        Skipped when a delete or eviction ran during the read (it may have removed one of
+        these keys); earlier backends only get keys the accounting tracks.
+        """
         for key, data, b in found:
-            if data is None:
+            if data is None or self._removals != removals:
                 continue
             if self._l1 is not None:
                 self._l1.put(key, data)
+            if not self.lru.contains(key):
+                continue
             for backend, label in zip(self.backends[:b], self._labels[:b], strict=True):
                 try:
                     await backend.put(key, data)
@@ -475,6 +499,7 @@ class Store:
         await self._ready()
         check_key(key)
         view = writable_view(out)
+        removals = self._removals
         if self._l1 is not None:
             data = self._l1.get(key)
             if data is not None:
@@ -500,7 +525,7 @@ class Store:
             self._count("store", "get", "hit", n)
             self._hit(key)
             if self._l1 is not None or b > 0:
-                await self._promote([(key, bytes(view[:n]), b)])
+                await self._promote([(key, bytes(view[:n]), b)], removals)
             return n
         self._count("store", "get", "miss")
         return None
@@ -651,7 +676,11 @@ class BlockingStore:
             target=self._loop.run_forever, name="flexkv-store-loop", daemon=True
         )
         self._thread.start()
-        self._run(store.open())
+        try:
+            self._run(store.open())
+        except BaseException:
+            self._stop_loop()
+            raise
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if threading.current_thread() is self._thread:
@@ -731,11 +760,25 @@ class BlockingStore:
 
         return self._run(run())
 
+    def exists_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        return self._run(self.store.exists_many(keys))
+
+    def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        return self._run(self.store.delete_many(keys))
+
+    def info(self) -> dict[str, Any]:
+        return self.store.info()
+
     def close(self) -> None:
         """Close the store and stop the loop thread. Idempotent."""
         if not self._loop.is_running():
             return
-        self._run(self.store.close())
+        try:
+            self._run(self.store.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()

@@ -292,3 +292,31 @@ def test_schema_no_server_errors(server: Server) -> None:
                 json.loads(response.text)
 
         check()
+
+
+def test_review_regressions(client: httpx.Client, server: Server) -> None:
+    # integers too large for a float are a 400, not a 500
+    for body in (b'{"limit_gb": ' + b"1" * 400 + b"}", b'{"limit_bytes": ' + b"9" * 400 + b"}"):
+        r = client.put("/api/quota/a", content=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+    # bytes that are not UTF-8 are not silently replaced
+    for raw in ("%ff", "%C0%AF", "a%ED%A0%80"):
+        r = client.put(f"/api/quota/{raw}", json={"limit_gb": 1}, headers=AUTH)
+        assert r.status_code == 400, (raw, r.text)
+        assert client.get(f"/api/quota/{raw}").status_code == 400
+    assert server.store.quota.usage() == {}
+    # a quota that cannot be saved is a 503, and what it evicted is still deleted
+    put_objects(server, "b", [10, 10])
+    state = state_file(server)
+    if state.exists():
+        state.unlink()
+    state.mkdir()  # the rename onto it fails, for root too
+    r = client.put("/api/quota/b", json={"limit_bytes": 10}, headers=AUTH)
+    assert r.status_code == 503, r.text
+    assert "not saved" in r.json()["error"]
+    assert server.store.lru.usage("b") == (10, 1)
+
+    async def on_disk() -> int:
+        return len([i async for i in server.store.scan(cache_salt="b")])
+
+    assert server.on_loop(on_disk()) == 1

@@ -252,3 +252,13 @@ def test_entry_point_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "plugin" in available_adapters()
     assert "broken" not in available_adapters()
     assert isinstance(open_adapter({"type": "plugin", "path": "/p"}), PluginAdapter)
+
+
+def test_env_backend_url_and_keys_in_any_order() -> None:
+    env = {"FLEXKV_STORE_BACKEND__PASSWORD": "pw", "FLEXKV_STORE_BACKEND": "redis://h:6379/0"}
+    for items in (list(env.items()), list(reversed(env.items()))):
+        cfg = load_config(None, environ=dict(items))
+        backend = cfg.adapters[0]
+        assert isinstance(backend, RedisConfig)
+        assert backend.password is not None
+        assert backend.password.get_secret_value() == "pw"

@@ -75,9 +75,9 @@ async def test_put_get_delete_and_prefix() -> None:
 
 async def test_l1_tier_and_promotion() -> None:
     slow, fast = MemoryAdapter(), MemoryAdapter()
+    k = key(1)
+    await slow.put(k, b"x" * 10)  # written before this store opened, e.g. by another worker
     async with Store([fast, slow], l1_capacity_bytes=25) as store:
-        k = key(1)
-        await slow.put(k, b"x" * 10)  # written behind the store's back, e.g. by another worker
         assert await store.get(k) == b"x" * 10
         assert await fast.get(k) == b"x" * 10, "a hit in a later backend is promoted"
         assert store.info()["l1"]["objects"] == 1
@@ -380,3 +380,88 @@ async def test_corrupt_objects_are_counted_in_metrics(tmp_path: Path) -> None:
         assert store.metrics is not None
         text = store.metrics.render().decode()
         assert 'flexkv_store_corrupt_objects_total{backend="fs"} 1.0' in text
+
+
+# -- regressions found in review ---------------------------------------------------------
+
+
+class SlowAdapter(MemoryAdapter):
+    """A memory adapter whose puts and gets wait for the test to release them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def put(self, key: ObjectKey, data: Any) -> None:
+        await self.gate.wait()
+        await super().put(key, data)
+
+    async def get(self, key: ObjectKey) -> bytes | None:
+        data = await super().get(key)
+        await self.gate.wait()
+        return data
+
+
+async def test_quota_lowered_while_a_batch_waits_leaves_nothing_half_done() -> None:
+    slow = SlowAdapter()
+    async with Store([slow], quotas={"s": 100}) as store:
+        slow.gate.clear()
+        first = asyncio.create_task(store.put(key(0, "s"), b"x" * 10))
+        await asyncio.sleep(0.01)
+        lower = asyncio.create_task(store.quota.set_quota("s", 30))
+        batch = asyncio.create_task(
+            store.put_many([(key(1, "s"), b"a" * 5), (key(2, "s"), b"b" * 50)])
+        )
+        await asyncio.sleep(0.01)
+        slow.gate.set()
+        await asyncio.gather(first, lower)
+        with pytest.raises(QuotaExceededError):
+            await batch
+        assert await stored(store) == {key(0, "s"): 10}
+        assert store.lru.usage("s") == (10, 1)
+
+
+async def test_multi_salt_batch_and_quota_change_do_not_deadlock() -> None:
+    slow = SlowAdapter()
+    async with Store([slow]) as store:
+        slow.gate.clear()
+        w_b = asyncio.create_task(store.put(key(1, "b"), b"1"))
+        await asyncio.sleep(0.01)
+        w_a = asyncio.create_task(store.put(key(1, "a"), b"1"))
+        await asyncio.sleep(0.01)
+        both = asyncio.create_task(store.put_many([(key(2, "a"), b"2"), (key(2, "b"), b"2")]))
+        change = asyncio.create_task(store.quota.set_quota("c", 10))
+        await asyncio.sleep(0.01)
+        slow.gate.set()
+        await asyncio.wait_for(asyncio.gather(w_b, w_a, both, change), timeout=10)
+
+
+async def test_a_read_overlapping_a_delete_does_not_bring_it_back() -> None:
+    fast, slow = MemoryAdapter(), SlowAdapter()
+    async with Store([fast, slow], l1_capacity_bytes=1000) as store:
+        k = key(1)
+        await slow.put(k, b"old")
+        await store.put(k, b"old")
+        await fast.delete(k)
+        store._l1 = type(store._l1)(1000) if store._l1 is not None else None  # cold L1
+        slow.gate.clear()
+        reader = asyncio.create_task(store.get(k))
+        await asyncio.sleep(0.01)
+        assert await store.delete(k) is True
+        slow.gate.set()
+        await reader
+        assert await store.get(k) is None
+        assert await fast.get(k) is None
+
+
+async def test_a_failed_or_cancelled_put_is_rolled_back() -> None:
+    slow = SlowAdapter()
+    async with Store([slow], quotas={"alice": 100}) as store:
+        slow.gate.clear()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.put(key(1), b"x" * 60), 0.05)
+        slow.gate.set()
+        assert store.lru.usage("alice") == (0, 0)
+        await store.put(key(2), b"y" * 60)
+        assert await stored(store) == {key(2): 60}

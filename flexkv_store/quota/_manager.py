@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from flexkv_store.errors import StorageError
 from flexkv_store.keyformat import check_cache_salt
 from flexkv_store.quota._userlru import Tally, UserLRU, Victim, load_quotas, save_quotas
 
@@ -49,8 +50,13 @@ class JsonQuotaState:
         return await asyncio.to_thread(load_quotas, self.path)
 
     async def save(self, quotas: Mapping[str, int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(save_quotas, self.path, dict(quotas))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(save_quotas, self.path, dict(quotas))
+        except OSError as exc:
+            raise StorageError(
+                f"quota applied but not saved to {self.path}: {exc.strerror or exc}"
+            ) from exc
 
     def describe(self) -> str:
         return f"json:{self.path}"
@@ -128,8 +134,10 @@ class QuotaManager:
         salt = api_salt(salt)
         async with self._lock():
             victims = self.lru.set_quota(salt, limit_bytes)
-            await self._persist()
-            await self._evict(victims)
+            try:
+                await self._persist()
+            finally:
+                await self._evict(victims)  # they already left the accounting
         return Tally(sum(n for _, n in victims), len(victims))
 
     def get_quota(self, salt: str) -> int | None:
@@ -141,9 +149,11 @@ class QuotaManager:
         salt = api_salt(salt)
         async with self._lock():
             existed, victims = self.lru.delete_quota(salt)
-            if existed:
-                await self._persist()
-            await self._evict(victims)
+            try:
+                if existed:
+                    await self._persist()
+            finally:
+                await self._evict(victims)
         return existed
 
     async def set_default_quota(self, limit_bytes: int | None) -> Tally:

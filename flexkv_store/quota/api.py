@@ -13,6 +13,7 @@ import hmac
 import json
 import math
 import time
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -49,7 +50,14 @@ def _quota_entry(info: QuotaInfo) -> dict[str, Any]:
                               "current_usage_bytes", "objects")}  # fmt: skip
 
 
-def _path_salt(raw: str) -> str:
+def _path_salt(raw: str, request: Request | None = None) -> str:
+    if request is not None and "\ufffd" in raw:
+        # The server decoded the path with replacement characters: reject bytes that are
+        # not UTF-8 instead of storing a quota for a salt the client never sent.
+        try:
+            urllib.parse.unquote_to_bytes(request.scope.get("raw_path", b"")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "cache_salt: must be valid UTF-8", "cache_salt") from None
     if raw == "":
         raise ApiError(400, "cache_salt: must not be empty (use _default for the empty salt)",
                        "cache_salt")  # fmt: skip
@@ -84,6 +92,8 @@ def parse_limit(body: bytes) -> int:
     value = doc[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{field}: must be a number", field)
+    if isinstance(value, int) and value > MAX_LIMIT_BYTES:  # too big for a float, too
+        raise ApiError(400, f"{field}: must be at most {MAX_LIMIT_BYTES} bytes (1 EiB)", field)
     if not math.isfinite(value):
         raise ApiError(400, f"{field}: must be finite", field)
     if value < 0:
@@ -190,8 +200,8 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     @router.get(
         "/quota/{cache_salt:path}", summary="One salt's quota and usage", responses={400: _ERROR}
     )
-    async def get_quota(cache_salt: str) -> dict[str, Any]:
-        salt = _path_salt(cache_salt)
+    async def get_quota(cache_salt: str, request: Request) -> dict[str, Any]:
+        salt = _path_salt(cache_salt, request)
         await ready()
         return store.quota.info(salt or "_default").as_dict()
 
@@ -203,7 +213,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     )
     async def put_quota(cache_salt: str, request: Request) -> dict[str, Any]:
         require_token(request)
-        salt = _path_salt(cache_salt)
+        salt = _path_salt(cache_salt, request)
         limit = parse_limit(await request.body())
         await ready()
         evicted = await store.quota.set_quota(salt or "_default", limit)
@@ -223,7 +233,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     )
     async def delete_quota(cache_salt: str, request: Request) -> dict[str, Any]:
         require_token(request)
-        salt = _path_salt(cache_salt)
+        salt = _path_salt(cache_salt, request)
         await ready()
         existed = await store.quota.delete_quota(salt or "_default")
         return {"cache_salt": salt or "_default", "status": "removed" if existed else "not_found"}
