@@ -7,7 +7,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -43,3 +43,33 @@ def machine() -> dict[str, Any]:
 def emit(result: dict[str, Any]) -> None:
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def adapter_workloads(
+    adapter: Any, keys: list[Any], payloads: list[bytes]
+) -> dict[str, Callable[[], Awaitable[int]]]:
+    """The adapter side of a backend bench: ``put``/``get`` one at a time and as batches.
+
+    Each returns the payload bytes it moved; keys cycle through ``payloads``.
+    """
+    total = len(payloads[0]) * len(keys)
+
+    async def put() -> int:
+        for i, k in enumerate(keys):
+            await adapter.put(k, payloads[i % len(payloads)])
+        return total
+
+    async def get() -> int:
+        for k in keys:
+            await adapter.get(k)
+        return total
+
+    async def put_many() -> int:
+        await adapter.put_many((k, payloads[i % len(payloads)]) for i, k in enumerate(keys))
+        return total
+
+    async def get_many() -> int:
+        await adapter.get_many(keys)
+        return total
+
+    return {"put": put, "get": get, "put_many": put_many, "get_many": get_many}

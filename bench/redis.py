@@ -43,7 +43,7 @@ from typing import Any
 import redis.asyncio as aredis
 from servers import RedisServer, start_redis
 
-from bench._util import emit, machine, ratio
+from bench._util import adapter_workloads, emit, machine, ratio
 from flexkv_store.backends import RedisConfig
 from flexkv_store.backends._redis import (
     _PIPELINE_BYTES,
@@ -109,23 +109,10 @@ async def _measure(server: RedisServer, size: int, count: int, repeat: int) -> d
     adapter = RedisAdapter(RedisConfig(port=server.port, key_prefix="bench/"))
     plain = aredis.Redis(host="127.0.0.1", port=server.port, max_connections=32)
 
-    async def a_put() -> int:
-        for i, k in enumerate(keys):
-            await adapter.put(k, payloads[i % 4])
-        return total
-
-    async def a_get() -> int:
-        for k in keys:
-            await adapter.get(k)
-        return total
-
-    async def a_put_many() -> int:
-        await adapter.put_many((k, payloads[i % 4]) for i, k in enumerate(keys))
-        return total
-
-    async def a_get_many() -> int:
-        await adapter.get_many(keys)
-        return total
+    ours = adapter_workloads(adapter, keys, payloads)
+    a_put, a_get, a_put_many, a_get_many = (
+        ours["put"], ours["get"], ours["put_many"], ours["get_many"]
+    )  # fmt: skip
 
     async def p_put() -> int:
         for i, n in enumerate(names):

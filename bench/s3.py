@@ -36,7 +36,7 @@ import botocore.config
 from pydantic import SecretStr
 from servers import MotoServer, start_moto
 
-from bench._util import emit, machine, ratio
+from bench._util import adapter_workloads, emit, machine, ratio
 from flexkv_store.backends import S3Config
 from flexkv_store.backends._s3 import S3Adapter
 from flexkv_store.keyformat import ObjectKey
@@ -89,23 +89,10 @@ async def _measure(server: MotoServer, size: int, count: int, repeat: int) -> di
     def get_one(i: int) -> None:
         plain.get_object(Bucket=BUCKET, Key=names[i])["Body"].read()
 
-    async def a_put() -> int:
-        for i, k in enumerate(keys):
-            await adapter.put(k, payloads[i % 4])
-        return total
-
-    async def a_get() -> int:
-        for k in keys:
-            await adapter.get(k)
-        return total
-
-    async def a_put_many() -> int:
-        await adapter.put_many((k, payloads[i % 4]) for i, k in enumerate(keys))
-        return total
-
-    async def a_get_many() -> int:
-        await adapter.get_many(keys)
-        return total
+    ours = adapter_workloads(adapter, keys, payloads)
+    a_put, a_get, a_put_many, a_get_many = (
+        ours["put"], ours["get"], ours["put_many"], ours["get_many"]
+    )  # fmt: skip
 
     async def p_put() -> int:  # a plain synchronous loop, as a user would write it
         for i in range(count):
