@@ -31,6 +31,7 @@ from flexkv_store.errors import (
     KeyFormatError,
     QuotaExceededError,
     StorageError,
+    StoreClosedError,
 )
 from flexkv_store.keyformat import (
     ObjectKey,
@@ -60,6 +61,7 @@ __all__ = [
     "QuotaExceededError",
     "StorageError",
     "Store",
+    "StoreClosedError",
     "StoreConfig",
     "__version__",
     "available_adapters",

@@ -13,6 +13,7 @@ engine can catch one type. Backends convert their own exceptions (redis-py, boto
     │   ├── CorruptObjectError             a framed object failed its header or checksum check
     │   └── BufferTooSmallError            ``get_into`` target smaller than the object
     ├── QuotaExceededError                 one object is larger than its salt's quota
+    ├── StoreClosedError (RuntimeError)    the store was closed (before or during the call)
     └── ConfigError (ValueError)           a config value is missing, unknown or out of range
 
 Misses are not errors: ``get`` returns ``None`` and ``exists``/``delete`` return ``False``.
@@ -30,6 +31,7 @@ __all__ = [
     "KeyFormatError",
     "QuotaExceededError",
     "StorageError",
+    "StoreClosedError",
 ]
 
 
@@ -99,3 +101,11 @@ class QuotaExceededError(FlexKVStoreError):
 
 class ConfigError(FlexKVStoreError, ValueError):
     """A configuration value is missing, unknown, malformed or out of range."""
+
+
+class StoreClosedError(FlexKVStoreError, RuntimeError):
+    """The store is closed: a call after ``close()``, or one still in flight when it ran.
+
+    A call failed this way has released every buffer it was given; what it wrote before
+    the close is accounted like any other write.
+    """

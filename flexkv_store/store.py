@@ -15,16 +15,19 @@ engines that call from threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from flexkv_store._aio import ExceptionGroup, settle
+from flexkv_store._consistency import Generations, Suspects, WriteLocks
 from flexkv_store.backends import L2Adapter, ObjectInfo, open_adapter
 from flexkv_store.backends.base import Buffer, check_key, writable_view
 from flexkv_store.backends.config import FsConfig, RedisConfig
@@ -32,8 +35,10 @@ from flexkv_store.config import StoreConfig, load_config
 from flexkv_store.errors import (
     BackendUnavailableError,
     BufferTooSmallError,
+    InvalidKeyError,
     QuotaExceededError,
     StorageError,
+    StoreClosedError,
 )
 from flexkv_store.keyformat import ObjectKey, as_bytes_view
 from flexkv_store.metrics import StoreMetrics
@@ -101,6 +106,9 @@ class Store:
     async context manager, or call :meth:`open` (done on first use) and :meth:`close`.
     """
 
+    #: Seconds between background retries of the deletes that suspect copies need.
+    repair_interval: float = 1.0
+
     def __init__(
         self,
         backends: Sequence[L2Adapter],
@@ -127,24 +135,29 @@ class Store:
             if metrics
             else None
         )
-        self._salt_locks: dict[str, asyncio.Lock] = {}
-        # Bumped by every delete and eviction: a read that overlapped one must not promote
-        # (copy back into L1 or an earlier backend) what was just removed.
-        self._removals = 0
-        self._global_lock: asyncio.Lock | None = None
+        self._locks = WriteLocks()
+        self._gens = Generations()
+        self._suspects = Suspects()
+        self._last_repair = 0.0
+        self._repair_task: asyncio.Task[None] | None = None
         self.quota = QuotaManager(
-            self.lru, evict=self._evict, lock=self._all_writes_lock, state=quota_state
+            self.lru, evict=self._evict, lock=self._locks.exclusive, state=quota_state
         )
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        # Tasks inside a store call (a count: calls nest), and those close() cancelled.
+        self._calls: Counter[asyncio.Task[Any]] = Counter()
+        self._closing_cancelled: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> Store:
         """Load quotas and rebuild the accounting from the backends' listings (once)."""
+        if self._closed:
+            raise StoreClosedError("this store is closed")
         if self._opened:
             return self
         loop = asyncio.get_running_loop()
@@ -157,7 +170,7 @@ class Store:
             if self._opened:
                 return self
             if self._closed:
-                raise RuntimeError("this store is closed")
+                raise StoreClosedError("this store is closed")
             victims = await self.quota.load(self._initial_quotas)
             if self._rebuild:
                 victims += await self._rebuild_accounting()
@@ -184,15 +197,34 @@ class Store:
         return victims
 
     async def close(self) -> None:
-        """Close every backend. Idempotent."""
+        """Fail the calls still in flight, then close every backend. Idempotent.
+
+        Calls in flight raise :class:`StoreClosedError` once whatever they handed to a
+        backend has finished (no buffer is used after they return); later calls raise it
+        at once.
+        """
         if self._closed:
             return
         self._closed = True
+        me = asyncio.current_task()
+        others = [t for t in self._calls if t is not me and not t.done()]
+        if self._repair_task is not None and not self._repair_task.done():
+            others.append(self._repair_task)
+        for task in others:
+            self._closing_cancelled.add(task)
+            task.cancel()
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
         for backend in self.backends:
             try:
                 await backend.aclose()
             except Exception as exc:  # one failing close must not leak the others
                 log.warning("closing backend %s failed: %s", backend.name, exc)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run (or is running)."""
+        return self._closed
 
     async def __aenter__(self) -> Store:
         return await self.open()
@@ -205,50 +237,54 @@ class Store:
     ) -> None:
         await self.close()
 
-    async def _ready(self) -> None:
-        if not self._opened:
-            await self.open()
-
-    # -- locks -------------------------------------------------------------------------
-
-    def _global(self) -> asyncio.Lock:
-        if self._global_lock is None:
-            self._global_lock = asyncio.Lock()
-        return self._global_lock
-
     @contextlib.asynccontextmanager
-    async def _write_lock(self, salts: Iterable[str]) -> AsyncIterator[None]:
-        if self.lru.capacity is not None:
-            async with self._global():
-                yield
-            return
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self._global_shared())
-            for salt in sorted(set(salts)):  # a fixed order: no deadlock between batches
-                lock = self._salt_locks.get(salt)
-                if lock is None:
-                    lock = self._salt_locks[salt] = asyncio.Lock()
-                await stack.enter_async_context(lock)
+    async def _call(self) -> AsyncIterator[None]:
+        """Every public operation runs inside this: refuses a closed store, opens on first
+        use, and turns close()'s cancellation of an in-flight call into StoreClosedError."""
+        if self._closed:
+            raise StoreClosedError("this store is closed")
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls[task] += 1
+        try:
+            if not self._opened:
+                await self.open()
             yield
+        except asyncio.CancelledError:
+            if task in self._closing_cancelled:
+                raise StoreClosedError(
+                    "the store was closed while this call was in flight"
+                ) from None
+            raise
+        finally:
+            left = self._calls[task] - 1
+            if left:
+                self._calls[task] = left
+            else:
+                del self._calls[task]
+                self._closing_cancelled.discard(task)
 
-    @contextlib.asynccontextmanager
-    async def _global_shared(self) -> AsyncIterator[None]:
-        # Per-salt writers wait while a store-wide change (quota, capacity) holds the lock.
-        lock = self._global()
-        if lock.locked():
-            async with lock:
-                pass
-        yield
+    async def run_on_loop(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``fn()`` on the store's own event loop and await its result from any loop.
 
-    @contextlib.asynccontextmanager
-    async def _all_writes_lock(self) -> AsyncIterator[None]:
-        async with self._global():
-            # The same (sorted) order as _write_lock, or the two can deadlock.
-            locks = [self._salt_locks[s] for s in sorted(self._salt_locks)]
-            async with contextlib.AsyncExitStack() as stack:
-                for lock in locks:
-                    await stack.enter_async_context(lock)
-                yield
+        What the admin API uses: its server's loop may not be the store's (a store driven
+        by :meth:`blocking` runs on a thread of its own), and the store's locks and
+        bookkeeping belong to one loop.
+        """
+        mine = self._loop
+        if mine is None or mine is asyncio.get_running_loop():
+            return await fn()
+        if self._closed or mine.is_closed():
+            raise StoreClosedError("this store is closed")
+
+        async def run() -> _T:
+            return await fn()
+
+        try:
+            fut = asyncio.run_coroutine_threadsafe(run(), mine)
+        except RuntimeError as exc:  # the loop closed meanwhile
+            raise StoreClosedError("this store is closed") from exc
+        return await asyncio.wrap_future(fut)
 
     # -- metrics helpers ---------------------------------------------------------------
 
@@ -270,6 +306,12 @@ class Store:
             self.metrics.backend_errors.labels(label, op, kind).inc()
         log.warning("backend %s: %s failed: %s", label, op, exc)
 
+    def _write_lock(self, salts: Iterable[str]) -> contextlib.AbstractAsyncContextManager[None]:
+        # With a global capacity any put may evict any salt's objects: one writer at a time.
+        if self.lru.capacity is not None:
+            return self._locks.exclusive()
+        return self._locks.salts(salts)
+
     # -- writes ------------------------------------------------------------------------
 
     async def put(self, key: ObjectKey, data: Buffer) -> None:
@@ -284,56 +326,100 @@ class Store:
         """Store several chunks: admitted together, written to each backend as one batch.
 
         If any object alone exceeds its quota, nothing is written or evicted. A key given
-        twice keeps the last value.
+        twice keeps the last value. Raises :class:`StorageError` for the keys that no
+        backend took (the others are stored and accounted). Returns, also when cancelled,
+        only once no backend reads the given buffers any more; a cancelled or failed put
+        may have stored some keys, and the accounting says which.
         """
-        await self._ready()
-        batch: dict[ObjectKey, memoryview] = {}
-        for key, data in items:
-            batch[check_key(key)] = as_bytes_view(data)
-        if not batch:
-            return
-        for key, view in batch.items():
-            self._check_fits(key, view.nbytes)  # fail fast, before waiting for the lock
-        start = time.perf_counter()
-        async with self._write_lock(k.cache_salt for k in batch):
-            # Again under the lock: a quota may have been lowered while we waited.
+        async with self._call():
+            batch: dict[ObjectKey, memoryview] = {}
+            for key, data in items:
+                batch[check_key(key)] = as_bytes_view(data)
+            if not batch:
+                return
             for key, view in batch.items():
-                self._check_fits(key, view.nbytes)
-            admissions: list[Admission] = []
-            pending: dict[ObjectKey, int] = {}
-            doomed: list[Victim] = []
-            evicted = False
-            try:
-                for key, view in batch.items():
-                    adm = self.lru.admit(key, view.nbytes)
-                    for victim in adm.victims:
-                        # A key of this batch evicted by a later one is not written at all.
-                        pending.pop(victim[0], None)
-                        doomed.append(victim)
-                    pending[key] = len(admissions)
-                    admissions.append(adm)
-                await self._evict(doomed)
-                evicted = True
-                to_write = [(k, batch[k]) for k in pending]
-                if not await self._write_all(to_write):
-                    raise StorageError(
-                        f"no backend accepted the write of {len(to_write)} object(s); "
-                        "see the log and flexkv_store_backend_errors for the cause"
-                    )
-            except BaseException:
-                # Any failure (a backend error, a key a backend refuses, a cancelled task)
-                # leaves the accounting as if the put never happened.
-                undone: list[Victim] = []
-                for adm in reversed(admissions):
-                    undone += self.lru.rollback(adm)
-                await self._evict(undone if evicted else undone + doomed)
-                raise
-        if self._l1 is not None:
-            for key, view in to_write:
-                self._l1.put(key, bytes(view))
-        nbytes = sum(v.nbytes for _, v in to_write)
-        self._count("store", "put", "ok", nbytes)
-        self._observe("store", "put", start)
+                self._check_fits(key, view.nbytes)  # fail fast, before waiting for the lock
+            start = time.perf_counter()
+            async with self._write_lock(k.cache_salt for k in batch):
+                # From here on a cancellation waits for the writes and their bookkeeping.
+                nbytes = await settle(self._put_locked(batch))
+            self._count("store", "put", "ok", nbytes)
+            self._observe("store", "put", start)
+        self._maybe_repair()
+
+    async def _put_locked(self, batch: dict[ObjectKey, memoryview]) -> int:
+        # Again under the lock: a quota may have been lowered while we waited.
+        for key, view in batch.items():
+            self._check_fits(key, view.nbytes)
+        admissions: dict[ObjectKey, Admission] = {}
+        doomed: list[Victim] = []
+        try:
+            for key, view in batch.items():
+                adm = self.lru.admit(key, view.nbytes)
+                for victim in adm.victims:
+                    # A key of this batch evicted by a later one is not written at all.
+                    admissions.pop(victim[0], None)
+                    doomed.append(victim)
+                admissions[key] = adm
+        except BaseException:
+            await self._undo(list(admissions.values()), doomed)
+            raise
+        failed = await self._evict(doomed)
+        if failed:
+            # The victims are still stored (the evict put them back in the accounting);
+            # writing on top would take the salt over its quota.
+            await self._undo(list(admissions.values()), [])
+            raise StorageError(
+                f"could not evict {len(failed)} object(s) to make room; nothing was written"
+            ) from _group("evict", failed)
+        to_write = [(k, batch[k]) for k in admissions]
+        keys = [k for k, _ in to_write]
+        self._gens.changed(keys)
+        outcomes = await self._write_all(to_write)
+        lost: list[ObjectKey] = []
+        errors: dict[ObjectKey, list[Exception]] = {}
+        cleanup: dict[int, list[ObjectKey]] = {}
+        for i, key in enumerate(keys):
+            failures = [(b, r[i]) for b, r in enumerate(outcomes) if r[i] is not None]
+            for b, _ in failures:
+                cleanup.setdefault(b, []).append(key)
+            if len(failures) == len(self.backends):
+                lost.append(key)
+                errors[key] = [e for _, e in failures if e is not None]
+        # A backend that failed a write may still hold the previous value (or, after a
+        # timeout, the new one): remove it there, or keep it from being read.
+        stuck = await self._delete_copies(cleanup, "put cleanup")
+        for key in lost:
+            if any(self._suspects.at(b, key) for b in range(len(self.backends))):
+                self._suspects.orphans.add(key)  # a copy may exist: keep it accounted
+            else:
+                self.lru.remove(key)  # its previous value was removed with it
+        self._gens.changed(keys)
+        stored = 0
+        for key, view in to_write:
+            if key in errors:
+                if self._l1 is not None:
+                    self._l1.pop(key)
+            else:
+                stored += view.nbytes
+                if self._l1 is not None:
+                    self._l1.put(key, bytes(view))
+        if stuck:
+            log.warning("%d stale copies could not be removed; they are not read", stuck)
+        if lost:
+            first = lost[0]
+            raise StorageError(
+                f"no backend accepted the write of {len(lost)} of {len(keys)} object(s) "
+                f"(first: {first.to_wire()}); the backends' errors are chained"
+            ) from _group("put", [e for k in lost for e in errors[k]])
+        return stored
+
+    async def _undo(self, admissions: list[Admission], doomed: list[Victim]) -> None:
+        """Roll admissions back before anything was written; delete what they evicted."""
+        undone: list[Victim] = []
+        for adm in reversed(admissions):
+            undone += self.lru.rollback(adm)
+        await self._evict(undone + doomed)
 
     def _check_fits(self, key: ObjectKey, size: int) -> None:
         """Refuse before any accounting changes, so a batch is all or nothing."""
@@ -346,69 +432,226 @@ class Store:
                     self.metrics.quota_refusals.labels(key.cache_salt or "_default").inc()
                 raise QuotaExceededError(key.cache_salt, size, bound)
 
-    async def _write_all(self, items: list[tuple[ObjectKey, memoryview]]) -> bool:
-        """Write to every backend at once; True if at least one took the whole batch."""
+    async def _write_all(
+        self, items: list[tuple[ObjectKey, memoryview]]
+    ) -> list[list[Exception | None]]:
+        """Write to every backend at once: per backend, one outcome per item."""
 
-        async def one(backend: L2Adapter, label: str) -> bool:
+        async def one(b: int, backend: L2Adapter, label: str) -> list[Exception | None]:
             t0 = time.perf_counter()
             try:
                 if len(items) == 1:
                     await backend.put(*items[0])
+                    results: list[Exception | None] = [None]
                 else:
-                    await backend.put_many(items)
-            except StorageError as exc:
-                self._backend_failed(label, "put", exc)
-                return False
-            self._count(label, "put", "ok", sum(v.nbytes for _, v in items))
+                    results = await backend.put_each(items)
+            except (StorageError, InvalidKeyError) as exc:
+                results = [exc] * len(items)
+            ok = 0
+            for (key, view), r in zip(items, results, strict=True):
+                if r is None:
+                    ok += view.nbytes
+                    self._suspects.good_copy(b, key)
+                else:
+                    self._backend_failed(label, "put", r)
+            if ok:
+                self._count(label, "put", "ok", ok)
             self._observe(label, "put", t0)
-            return True
+            return results
 
-        results = await asyncio.gather(
-            *(one(b, lbl) for b, lbl in zip(self.backends, self._labels, strict=True))
+        return list(
+            await asyncio.gather(
+                *(
+                    one(b, backend, label)
+                    for b, (backend, label) in enumerate(
+                        zip(self.backends, self._labels, strict=True)
+                    )
+                )
+            )
         )
-        return any(results)
 
-    async def _evict(self, victims: list[Victim]) -> None:
-        """Delete objects the accounting already dropped, from every tier."""
+    async def _delete_copies(self, where: dict[int, list[ObjectKey]], op: str) -> int:
+        """Delete keys from the given backends; what fails is marked suspect (not read).
+
+        Returns how many copies could not be removed.
+        """
+        stuck = 0
+
+        async def one(b: int, keys: list[ObjectKey]) -> None:
+            nonlocal stuck
+            try:
+                await self.backends[b].delete_many(keys)
+            except StorageError as exc:
+                self._backend_failed(self._labels[b], op, exc)
+                for key in keys:
+                    self._suspects.add(b, key)
+                stuck += len(keys)
+                return
+            for key in keys:
+                if self._suspects.removed(b, key):
+                    self.lru.remove(key)  # its last suspect copy is gone
+
+        await asyncio.gather(*(one(b, keys) for b, keys in where.items() if keys))
+        return stuck
+
+    async def _evict(self, victims: list[Victim]) -> list[StorageError]:
+        """Delete objects the accounting already dropped, from every tier.
+
+        A victim some backend failed to delete is still stored: it goes back into the
+        accounting (so usage stays what the backends hold), is not read there, and is
+        deleted again by :meth:`repair`. Returns the backends' errors.
+        """
         if not victims:
-            return
-        self._removals += 1
+            return []
         keys = [k for k, _ in victims]
+        self._gens.changed(keys)
         if self._l1 is not None:
             for k in keys:
                 self._l1.pop(k)
-        for backend, label in zip(self.backends, self._labels, strict=True):
+        errors: list[StorageError] = []
+        failed: set[ObjectKey] = set()
+
+        async def one(b: int, backend: L2Adapter, label: str) -> None:
             try:
                 await backend.delete_many(keys)
             except StorageError as exc:
                 self._backend_failed(label, "evict", exc)
-        self._count("store", "evict", "ok", sum(n for _, n in victims))
+                errors.append(exc)
+                for k in keys:
+                    self._suspects.add(b, k)
+                failed.update(keys)
+                return
+            for k in keys:
+                self._suspects.removed(b, k)
+
+        await asyncio.gather(
+            *(
+                one(b, backend, label)
+                for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True))
+            )
+        )
+        for key, size in victims:
+            if key in failed:
+                self.lru.record(key, size)
+                self._suspects.orphans.add(key)
+        self._gens.changed(keys)
+        self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
+        return errors
 
     async def delete(self, key: ObjectKey) -> bool:
         """Remove ``key`` from every tier; whether any held it."""
         return (await self.delete_many([key]))[0]
 
     async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
-        """Remove each key from every tier; whether each was held anywhere."""
-        await self._ready()
-        keys = [check_key(k) for k in keys]
-        found = [False] * len(keys)
-        async with self._write_lock(k.cache_salt for k in keys):
-            self._removals += 1
-            for i, k in enumerate(keys):
-                if self.lru.remove(k) is not None:
-                    found[i] = True
-                if self._l1 is not None and self._l1.pop(k):
-                    found[i] = True
-            for backend, label in zip(self.backends, self._labels, strict=True):
-                try:
-                    res = await backend.delete_many(keys)
-                except StorageError as exc:
-                    self._backend_failed(label, "delete", exc)
-                    continue
-                found = [a or b for a, b in zip(found, res, strict=True)]
-        self._count("store", "delete", "ok")
+        """Remove each key from every tier; whether each was held anywhere.
+
+        Raises :class:`StorageError` (chained to the backends' errors) if a backend failed
+        to delete: the keys then read as misses, stay accounted while a copy may remain,
+        and are deleted again by :meth:`repair`.
+        """
+        async with self._call():
+            keys = [check_key(k) for k in keys]
+            async with self._write_lock(k.cache_salt for k in keys):
+                found, errors = await settle(self._delete_locked(keys))
+            self._count("store", "delete", "ok" if not errors else "error")
+        self._maybe_repair()
+        if errors:
+            raise StorageError(
+                f"delete: {len(errors)} backend(s) failed; the keys read as misses and the "
+                "deletes are retried"
+            ) from _group("delete", errors)
         return found
+
+    async def _delete_locked(self, keys: list[ObjectKey]) -> tuple[list[bool], list[Exception]]:
+        found = [False] * len(keys)
+        self._gens.changed(keys)
+        for i, k in enumerate(keys):
+            if self.lru.contains(k):
+                found[i] = True
+            if self._l1 is not None and self._l1.pop(k):
+                found[i] = True
+        errors: list[Exception] = []
+        failed: set[ObjectKey] = set()
+
+        async def one(b: int, backend: L2Adapter, label: str) -> list[bool]:
+            try:
+                res = await backend.delete_many(keys)
+            except StorageError as exc:
+                self._backend_failed(label, "delete", exc)
+                errors.append(exc)
+                for k in keys:
+                    self._suspects.add(b, k)
+                failed.update(keys)
+                return [False] * len(keys)
+            for k in keys:
+                self._suspects.removed(b, k)
+            return res
+
+        results = await asyncio.gather(
+            *(
+                one(b, backend, label)
+                for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True))
+            )
+        )
+        for res in results:
+            found = [a or b for a, b in zip(found, res, strict=True)]
+        for k in keys:
+            if k in failed:
+                self._suspects.orphans.add(k)  # still accounted while a copy may exist
+            else:
+                self._suspects.orphans.discard(k)
+                self.lru.remove(k)
+        self._gens.changed(keys)
+        return found, errors
+
+    # -- repair ------------------------------------------------------------------------
+
+    @property
+    def suspect_copies(self) -> int:
+        """Copies a backend failed to write or delete, not read until repaired."""
+        return len(self._suspects)
+
+    async def repair(self) -> int:
+        """Delete the suspect copies again; returns how many are left.
+
+        Runs by itself (at most every :attr:`repair_interval` seconds) after writes and
+        deletes while suspect copies exist.
+        """
+        async with self._call():
+            return await self._repair()
+
+    async def _repair(self) -> int:
+        self._last_repair = time.monotonic()
+        if not self._suspects:
+            return 0
+        async with self._locks.exclusive():
+            await settle(self._repair_locked())
+        return len(self._suspects)
+
+    async def _repair_locked(self) -> None:
+        where = {b: self._suspects.keys_at(b) for b in range(len(self.backends))}
+        keys = {k for ks in where.values() for k in ks}
+        self._gens.changed(keys)
+        await self._delete_copies(where, "repair")
+        self._gens.changed(keys)
+
+    def _maybe_repair(self) -> None:
+        if not self._suspects:
+            return
+        if self._closed or time.monotonic() - self._last_repair < self.repair_interval:
+            return
+        if self._repair_task is not None and not self._repair_task.done():
+            return
+        self._last_repair = time.monotonic()
+        self._repair_task = asyncio.get_running_loop().create_task(self._background_repair())
+
+    async def _background_repair(self) -> None:
+        try:
+            await self._repair()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a repair is retried; it must never crash the engine
+            log.warning("repair of suspect copies failed: %s", exc)
 
     # -- reads -------------------------------------------------------------------------
 
@@ -421,10 +664,16 @@ class Store:
 
     async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
         """Chunks of ``keys`` in order, ``None`` for each miss. One batch per backend."""
-        await self._ready()
-        keys = [check_key(k) for k in keys]
+        async with self._call():
+            keys = [check_key(k) for k in keys]
+            stamp = self._gens.begin()
+            try:
+                return await self._get_many(keys, stamp)
+            finally:
+                self._gens.end(stamp)
+
+    async def _get_many(self, keys: list[ObjectKey], stamp: int) -> list[bytes | None]:
         start = time.perf_counter()
-        removals = self._removals
         out: list[bytes | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         if self._l1 is not None:
@@ -441,27 +690,30 @@ class Store:
         for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
             if not todo:
                 break
+            ask = [i for i in todo if not self._suspects.at(b, keys[i])]
+            if not ask:
+                continue
             t0 = time.perf_counter()
             try:
-                got = await backend.get_many([keys[i] for i in todo])
+                got = await backend.get_many([keys[i] for i in ask])
             except StorageError as exc:
                 self._backend_failed(label, "get", exc)
                 continue
             self._observe(label, "get", t0)
-            rest = []
-            for i, data in zip(todo, got, strict=True):
+            for i, data in zip(ask, got, strict=True):
                 if data is None:
-                    rest.append(i)
                     self._count(label, "get", "miss")
+                elif self._suspects.at(b, keys[i]):
+                    pass  # a write or delete failed there while we read: not trusted
                 else:
                     out[i] = data
                     found_in[i] = b
                     self._count(label, "get", "hit", len(data))
-            todo = rest
+            todo = [i for i in todo if out[i] is None]
         for i, data in enumerate(out):
             if data is not None:
                 self._hit(keys[i])
-        await self._promote([(keys[i], out[i], b) for i, b in found_in.items()], removals)
+        await self._promote([(keys[i], out[i], b) for i, b in found_in.items()], stamp)
         hits = sum(d is not None for d in out)
         if self.metrics is not None:
             self.metrics.operations.labels("store", "get", "hit").inc(hits)
@@ -469,26 +721,39 @@ class Store:
         self._observe("store", "get", start)
         return out
 
-    async def _promote(
-        self, found: list[tuple[ObjectKey, bytes | None, int]], removals: int
-    ) -> None:
+    async def _promote(self, found: list[tuple[ObjectKey, bytes | None, int]], stamp: int) -> None:
         """Copy hits into L1 and into the backends before the one that had them.
 
-        Skipped when a delete or eviction ran during the read (it may have removed one of
-        these keys); earlier backends only get keys the accounting tracks.
+        Only keys that no write, delete or eviction touched since the read began (their
+        change stamps say so); backend copies are written under the salt's write lock, so
+        no put or delete of the key interleaves, and only for keys the accounting tracks.
         """
+        later: list[tuple[ObjectKey, bytes, int]] = []
         for key, data, b in found:
-            if data is None or self._removals != removals:
+            if data is None or not self._gens.unchanged(key, stamp):
                 continue
             if self._l1 is not None:
                 self._l1.put(key, data)
-            if not self.lru.contains(key):
+            if b > 0 and self.lru.contains(key):
+                later.append((key, data, b))
+        if not later:
+            return
+        async with self._write_lock(k.cache_salt for k, _, _ in later):
+            await settle(self._promote_locked(later, stamp))
+
+    async def _promote_locked(self, items: list[tuple[ObjectKey, bytes, int]], stamp: int) -> None:
+        for key, data, b in items:
+            if not self._gens.unchanged(key, stamp) or not self.lru.contains(key):
                 continue
-            for backend, label in zip(self.backends[:b], self._labels[:b], strict=True):
+            for e, (backend, label) in enumerate(
+                zip(self.backends[:b], self._labels[:b], strict=True)
+            ):
                 try:
                     await backend.put(key, data)
-                except StorageError as exc:
+                except (StorageError, InvalidKeyError) as exc:
                     self._backend_failed(label, "promote", exc)
+                else:
+                    self._suspects.good_copy(e, key)
 
     async def get_into(self, key: ObjectKey, out: Buffer) -> int | None:
         """Read ``key`` into the caller's writable buffer (pinned memory, an array).
@@ -496,10 +761,16 @@ class Store:
         Returns the length, ``None`` on a miss; :class:`BufferTooSmallError` if it does
         not fit.
         """
-        await self._ready()
-        check_key(key)
-        view = writable_view(out)
-        removals = self._removals
+        async with self._call():
+            check_key(key)
+            view = writable_view(out)
+            stamp = self._gens.begin()
+            try:
+                return await self._get_into(key, view, stamp)
+            finally:
+                self._gens.end(stamp)
+
+    async def _get_into(self, key: ObjectKey, view: memoryview, stamp: int) -> int | None:
         if self._l1 is not None:
             data = self._l1.get(key)
             if data is not None:
@@ -511,6 +782,8 @@ class Store:
                 self._count("store", "get", "hit", len(data))
                 return len(data)
         for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
+            if self._suspects.at(b, key):
+                continue
             try:
                 n = await backend.get_into(key, view)
             except BufferTooSmallError:
@@ -518,14 +791,14 @@ class Store:
             except StorageError as exc:
                 self._backend_failed(label, "get", exc)
                 continue
-            if n is None:
+            if n is None or self._suspects.at(b, key):
                 self._count(label, "get", "miss")
                 continue
             self._count(label, "get", "hit", n)
             self._count("store", "get", "hit", n)
             self._hit(key)
             if self._l1 is not None or b > 0:
-                await self._promote([(key, bytes(view[:n]), b)], removals)
+                await self._promote([(key, bytes(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
         return None
@@ -536,26 +809,27 @@ class Store:
 
     async def exists_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
         """Whether each key is held by some tier: one batched query per backend."""
-        await self._ready()
-        keys = [check_key(k) for k in keys]
-        found = [False] * len(keys)
-        todo = list(range(len(keys)))
-        if self._l1 is not None:
-            todo = [i for i in todo if keys[i] not in self._l1]
-            for i in set(range(len(keys))) - set(todo):
-                found[i] = True
-        for backend, label in zip(self.backends, self._labels, strict=True):
-            if not todo:
-                break
-            try:
-                res = await backend.exists_many([keys[i] for i in todo])
-            except StorageError as exc:
-                self._backend_failed(label, "exists", exc)
-                continue
-            for i, ok in zip(todo, res, strict=True):
-                found[i] = found[i] or ok
-            todo = [i for i in todo if not found[i]]
-        return found
+        async with self._call():
+            keys = [check_key(k) for k in keys]
+            found = [False] * len(keys)
+            todo = list(range(len(keys)))
+            if self._l1 is not None:
+                todo = [i for i in todo if keys[i] not in self._l1]
+                for i in set(range(len(keys))) - set(todo):
+                    found[i] = True
+            for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
+                ask = [i for i in todo if not self._suspects.at(b, keys[i])]
+                if not ask:
+                    continue
+                try:
+                    res = await backend.exists_many([keys[i] for i in ask])
+                except StorageError as exc:
+                    self._backend_failed(label, "exists", exc)
+                    continue
+                for i, ok in zip(ask, res, strict=True):
+                    found[i] = found[i] or (ok and not self._suspects.at(b, keys[i]))
+                todo = [i for i in todo if not found[i]]
+            return found
 
     async def lookup_prefix(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading chunks of a request are stored (one batched query)."""
@@ -571,7 +845,9 @@ class Store:
         self, model_name: str | None = None, cache_salt: str | None = None
     ) -> AsyncIterator[ObjectInfo]:
         """Every stored object (each key once, from the first backend that lists it)."""
-        await self._ready()
+        if self._closed:
+            raise StoreClosedError("this store is closed")
+        await self.open()
         seen: set[ObjectKey] = set()
         for backend, label in zip(self.backends, self._labels, strict=True):
             if not backend.capabilities.listing:
@@ -603,7 +879,8 @@ class Store:
         """
         from flexkv_store.transfer._store_glue import put_blocks
 
-        await put_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
+        async with self._call():
+            await put_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
 
     async def get_blocks(
         self,
@@ -620,7 +897,8 @@ class Store:
         """
         from flexkv_store.transfer._store_glue import get_blocks
 
-        return await get_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
+        async with self._call():
+            return await get_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -642,6 +920,7 @@ class Store:
             "total_objects": self.lru.total_objects,
             "capacity_bytes": self.lru.capacity,
             "default_quota_bytes": self.lru.default_quota,
+            "suspect_copies": len(self._suspects),
             "quota_state": None if self.quota.state is None else self.quota.state.describe(),
         }
 
@@ -656,6 +935,15 @@ class Store:
                 "Store.blocking() needs a store that has not been used on an event loop yet"
             )
         return BlockingStore(self)
+
+
+def _group(what: str, errors: Sequence[BaseException]) -> BaseException:
+    """The cause to chain: the one error, or an ExceptionGroup of several."""
+    if len(errors) == 1:
+        return errors[0]
+    excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for e in errors]
+    group: BaseException = ExceptionGroup(f"{what}: {len(excs)} backend errors", excs)
+    return group
 
 
 def _backend_labels(backends: Sequence[L2Adapter]) -> list[str]:
@@ -675,6 +963,9 @@ class BlockingStore:
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="flexkv-store-loop", daemon=True
         )
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._pending_lock = threading.Lock()
+        self._stopped = False
         self._thread.start()
         try:
             self._run(store.open())
@@ -684,8 +975,23 @@ class BlockingStore:
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         if threading.current_thread() is self._thread:
+            coro.close()
             raise RuntimeError("BlockingStore methods cannot be called from its own loop")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        with self._pending_lock:
+            if self._stopped:
+                coro.close()
+                raise StoreClosedError("this store is closed")
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._pending.add(fut)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            if self._stopped:  # never started: the loop stopped first
+                raise StoreClosedError("the store was closed while this call was waiting") from None
+            raise
+        finally:
+            with self._pending_lock:
+                self._pending.discard(fut)
 
     def put(self, key: ObjectKey, data: Buffer) -> None:
         self._run(self.store.put(key, data))
@@ -750,7 +1056,7 @@ class BlockingStore:
         return self._run(self.store.quota.delete_quota(salt))
 
     def get_quota(self, salt: str) -> int | None:
-        return self.store.quota.get_quota(salt)
+        return self.call(lambda: _now(self.store.quota.get_quota, salt))
 
     def call(self, fn: Callable[[], Awaitable[_T]]) -> _T:
         """Run any coroutine function against the store on its loop."""
@@ -767,11 +1073,17 @@ class BlockingStore:
         return self._run(self.store.delete_many(keys))
 
     def info(self) -> dict[str, Any]:
-        return self.store.info()
+        return self.call(lambda: _now(self.store.info))
+
+    def repair(self) -> int:
+        return self._run(self.store.repair())
 
     def close(self) -> None:
-        """Close the store and stop the loop thread. Idempotent."""
-        if not self._loop.is_running():
+        """Close the store and stop the loop thread. Idempotent.
+
+        Calls other threads still have in flight raise :class:`StoreClosedError`.
+        """
+        if self._stopped:
             return
         try:
             self._run(self.store.close())
@@ -779,15 +1091,29 @@ class BlockingStore:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
+        with self._pending_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            pending = list(self._pending)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
-        self._loop.close()
+        for fut in pending:
+            fut.cancel()  # submitted but never run: their callers get StoreClosedError
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> BlockingStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _now(fn: Callable[..., _T], *args: Any) -> _T:
+    """A plain call as a coroutine, to run it on the store's loop (its bookkeeping is not
+    safe to read from another thread while the loop changes it)."""
+    return fn(*args)
 
 
 def default_quota_state(config: StoreConfig, backends: Sequence[L2Adapter]) -> QuotaState | None:

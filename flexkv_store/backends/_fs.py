@@ -60,6 +60,7 @@ from typing import Any, ClassVar, TypeVar
 
 import xxhash
 
+from flexkv_store._aio import settle
 from flexkv_store.backends import _uring
 from flexkv_store.backends._io import (
     ALIGN,
@@ -101,6 +102,9 @@ _X = TypeVar("_X")
 _TMP_PREFIX = ".tmp-"
 _TMP_SUFFIX = ".part"
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
+#: Exactly the temp names _temp_name makes. Object files may start with "." too (a model
+#: named "./llama-3" gives ".-SEP-llama-3@...data"), so no wider pattern is safe.
+_TMP_RE = re.compile(r"\.tmp-[A-Za-z0-9_.]{1,64}-[0-9]+-[0-9a-f]{1,32}\.part")
 #: What ObjectKey.to_filename gives for a key whose filename would be overlong.
 _HASHED_NAME_RE = re.compile(r"h-[0-9a-f]{64}\.data")
 #: check() streams payloads through a buffer of this size (never a whole object at once).
@@ -120,9 +124,9 @@ def _storage_errors(what: str) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            detail = "no space left on device (nothing was published)"
+            detail = "no space left on device"
         elif exc.errno == errno.EDQUOT:
-            detail = "disk quota exceeded (nothing was published)"
+            detail = "disk quota exceeded"
         elif exc.errno == errno.EIO:
             detail = "I/O error from the device"
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -326,7 +330,7 @@ class FsAdapter(L2Adapter):
                 with it:
                     for e in it:
                         n = e.name
-                        if not (n.startswith(_TMP_PREFIX) and n.endswith(_TMP_SUFFIX)):
+                        if not _TMP_RE.fullmatch(n):
                             continue
                         try:
                             if self._temp_is_stale(n, e.stat().st_mtime, now):
@@ -478,15 +482,25 @@ class FsAdapter(L2Adapter):
         item = self._put_jobs(key, data)
         _raise_first("put", await self._call("put", self._put_batch, [item]))
 
-    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
         # docstring inherited
         batch = [self._put_jobs(k, d) for k, d in items]
         if not batch:
-            return
+            return []
+        chunks = self._split(batch)
         parts = await asyncio.gather(
-            *(self._call("put_many", self._put_batch, chunk) for chunk in self._split(batch))
+            *(self._call("put_many", self._put_batch, chunk) for chunk in chunks),
+            return_exceptions=True,
         )
-        _raise_first("put_many", [e for part in parts for e in part])
+        results: list[Exception | None] = []
+        for chunk, part in zip(chunks, parts, strict=True):
+            if isinstance(part, BaseException):
+                if not isinstance(part, Exception):
+                    raise part
+                results += [part] * len(chunk)
+            else:
+                results += [_mapped("put_many", e) for e in part]
+        return results
 
     def _split(self, items: list[_X]) -> list[list[_X]]:
         """Cut a batch into the pieces that go to one worker thread each.
@@ -756,10 +770,10 @@ class FsAdapter(L2Adapter):
         self, d: str, e: os.DirEntry[str], model_name: str | None, cache_salt: str | None
     ) -> ObjectInfo | None:
         name = e.name
-        if name.startswith(".") or not name.endswith(".data"):
+        if not name.endswith(".data"):
             return None  # temp files and anything that is not ours
         try:
-            if name.startswith("h-"):
+            if _HASHED_NAME_RE.fullmatch(name):
                 if not self._framed:
                     return None  # a raw file cannot say which key it holds
                 with open(e.path, "rb") as f:
@@ -880,17 +894,12 @@ class FsAdapter(L2Adapter):
                 continue
             for e in entries:
                 name = e.name
-                if name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX):
+                if _TMP_RE.fullmatch(name):
                     report.temp_files.append(e.path)
                     if repair and self._remove_temp_if_stale(e, now):
                         report.removed += 1
                     continue
-                if (
-                    not holds_objects
-                    and self._sharded
-                    and _SHARD_RE.fullmatch(name)
-                    and e.is_dir(follow_symlinks=False)
-                ):
+                if not holds_objects and self._sharded and _SHARD_RE.fullmatch(name) and e.is_dir():
                     continue  # a shard directory: its own group walks it
                 if holds_objects and self._check_object(d, e, repair, report, chunk):
                     continue
@@ -909,7 +918,7 @@ class FsAdapter(L2Adapter):
 
     def _is_object_name(self, d: str, name: str) -> bool:
         """Whether ``name`` in ``d`` is a file this adapter may have written there."""
-        if name.startswith(".") or not name.endswith(".data"):
+        if not name.endswith(".data"):
             return False
         if _HASHED_NAME_RE.fullmatch(name):
             if not self._framed:
@@ -991,7 +1000,9 @@ class FsAdapter(L2Adapter):
             raise StorageError(f"fs {what}: the adapter is closed")
         loop = asyncio.get_running_loop()
         with _storage_errors(what):
-            return await loop.run_in_executor(self._executor, fn, *args)
+            # settle: the worker may be reading or filling a caller's buffer, so a
+            # cancelled caller gets control back only once the worker is done with it.
+            return await settle(loop.run_in_executor(self._executor, fn, *args))
 
     async def aclose(self) -> None:
         # docstring inherited
@@ -1026,11 +1037,9 @@ def _subdirs(d: str) -> Iterator[str]:
     """Shard subdirectories (two lowercase hex digits) of ``d``, sorted."""
     try:
         with os.scandir(d) as it:
-            names = sorted(
-                e.name
-                for e in it
-                if _SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
-            )
+            # Symlinks followed: reads and writes go through a linked shard directory
+            # (e.g. onto another disk), so the rebuild and fsck must list it too.
+            names = sorted(e.name for e in it if _SHARD_RE.fullmatch(e.name) and e.is_dir())
     except (FileNotFoundError, NotADirectoryError):
         return
     for n in names:
@@ -1056,6 +1065,18 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _mapped(what: str, exc: BaseException | None) -> Exception | None:
+    """One item's error as the adapter reports it (``OSError`` through the seam)."""
+    if exc is None:
+        return None
+    try:
+        with _storage_errors(what):
+            raise exc
+    except Exception as mapped:
+        return mapped
+    raise AssertionError("unreachable")  # the with block always raises
 
 
 def _raise_first(what: str, errors: Iterable[BaseException | None]) -> None:

@@ -64,7 +64,7 @@ from flexkv_store.backends._fs import (
     _Job,
 )
 from flexkv_store.backends._io import ALIGN
-from flexkv_store.backends.base import Buffer, Capabilities, check_key
+from flexkv_store.backends.base import Buffer, Capabilities, L2Adapter, check_key
 from flexkv_store.backends.config import GdsConfig
 from flexkv_store.errors import (
     BackendUnavailableError,
@@ -297,25 +297,26 @@ class GdsAdapter(FsAdapter):
             raise job.error  # a key format=raw cannot store
         await self._call("put", self._cufile_put, key, job.final, flat, ready)
 
-    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
         # docstring inherited
-        host: list[tuple[ObjectKey, Buffer]] = []
-        device: list[tuple[ObjectKey, Buffer]] = []
-        for key, data in items:
-            (device if _is_device(data) else host).append((key, data))
+        pairs = list(items)
+        host = [i for i, (_, d) in enumerate(pairs) if not _is_device(d)]
+        device = [i for i, (_, d) in enumerate(pairs) if _is_device(d)]
+        results: list[Exception | None] = [None] * len(pairs)
         if not device:
-            return await super().put_many(host)
+            return await super().put_each(pairs)
 
-        async def device_puts() -> None:
-            await self._run_many(lambda kv: self.put(kv[0], kv[1]), device)
-
-        # Both halves run to completion before the first error is raised.
-        results = await asyncio.gather(
-            super().put_many(host), device_puts(), return_exceptions=True
+        # Both halves run to completion; each item keeps its own outcome.
+        host_results, device_results = await asyncio.gather(
+            super().put_each([pairs[i] for i in host]),
+            # base class default: one bounded put (self.put) per device buffer
+            L2Adapter.put_each(self, [pairs[i] for i in device]),
         )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        for i, r in zip(host, host_results, strict=True):
+            results[i] = r
+        for i, r in zip(device, device_results, strict=True):
+            results[i] = r
+        return results
 
     def _cufile_put(
         self, key: ObjectKey, final: str, flat: torch.Tensor, ready: torch.cuda.Event | None

@@ -69,10 +69,17 @@ class MemoryAdapter(L2Adapter):
         self._bytes -= len(entry[0])
         return True
 
-    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
         # docstring inherited
+        results: list[Exception | None] = []
         for key, data in items:
-            await self.put(key, data)
+            try:
+                await self.put(key, data)
+            except StorageError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
 
     async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
         # docstring inherited

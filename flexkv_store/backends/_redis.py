@@ -96,6 +96,9 @@ if #fp > 0 and redis.call('GETRANGE', KEYS[1], 0, #fp - 1) ~= fp then return 0 e
 return redis.call('DEL', KEYS[1])
 """
 
+#: Redis's default proto-max-bulk-len (512 MB), kept where CONFIG GET is refused.
+_DEFAULT_MAX_BULK: Final = 512 * 1024 * 1024
+
 _GLOB_SPECIAL = re.compile(rb"([*?\[\]\\])")
 
 #: redis-py errors that mean "cannot reach the server" (after its retries).
@@ -231,6 +234,7 @@ class RedisAdapter(L2Adapter):
         self._zero_copy = _install_framed_packing(self._client)
         self._closed = False
         self._server_version: str | None = None
+        self._max_bulk = _DEFAULT_MAX_BULK
         #: Objects that failed their header or checksum check (each was a miss).
         self.corrupt_objects = 0
 
@@ -298,6 +302,33 @@ class RedisAdapter(L2Adapter):
                 # A cluster answers per node: {node_name: {...}}.
                 server = next(iter(server.values()), {})
             self._server_version = str(server.get("redis_version", "unknown"))
+            self._max_bulk = await self._proto_max_bulk_len()
+
+    async def _proto_max_bulk_len(self) -> int:
+        """The server's largest accepted value (``proto-max-bulk-len``).
+
+        A larger SET makes the server drop the connection, which would look like an
+        outage and be retried; knowing the limit turns it into a clear error up front.
+        Servers that refuse CONFIG (managed services) keep Redis's default, 512 MB.
+        """
+        try:
+            reply: Any = await self._client.config_get("proto-max-bulk-len")
+        except (rexc.ResponseError, rexc.RedisClusterException):
+            return _DEFAULT_MAX_BULK
+        if isinstance(reply, dict) and "proto-max-bulk-len" not in reply:
+            reply = next(iter(reply.values()), {})  # per node, in a cluster
+        try:
+            return int(reply.get("proto-max-bulk-len", _DEFAULT_MAX_BULK))
+        except (TypeError, ValueError, AttributeError):
+            return _DEFAULT_MAX_BULK
+
+    def _check_bulk(self, key: ObjectKey, payload_len: int) -> None:
+        total = payload_len + _header_len(key.to_wire().encode("utf-8"))
+        if total > self._max_bulk:
+            raise StorageError(
+                f"redis: put {key.to_wire()}: the value ({total} bytes with its header) is "
+                f"larger than the server's proto-max-bulk-len ({self._max_bulk} bytes)"
+            )
 
     # -- decoding and corruption -------------------------------------------------------
 
@@ -352,6 +383,7 @@ class RedisAdapter(L2Adapter):
         with _seam("put"):
             if self._server_version is None:
                 await self._probe()
+            self._check_bulk(key, view.nbytes)
             try:
                 await self._set(name, self._framed(key, view))
             except rexc.DataError:
@@ -483,14 +515,14 @@ class RedisAdapter(L2Adapter):
         # A plain (non-transactional) pipeline: in cluster mode redis-py splits it per node.
         return self._client.pipeline(transaction=False)
 
-    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
         # docstring inherited
         # Check every key and buffer before anything is written, but frame (copy) each
         # group only when it is sent: framing a whole batch up front touches twice the
         # memory and measured ~25% slower for 64 MiB batches of 256 KiB values.
         pending = [(self._name(k)[0], k, as_bytes_view(d)) for k, d in items]
         if not pending:
-            return
+            return []
         groups: list[list[tuple[bytes, ObjectKey, memoryview]]] = []
         group: list[tuple[bytes, ObjectKey, memoryview]] = []
         group_bytes = 0
@@ -519,18 +551,31 @@ class RedisAdapter(L2Adapter):
                 pipe.execute_command("SET", name, self._framed(key, view))
             await pipe.execute()
 
-        async def send(g: list[tuple[bytes, ObjectKey, memoryview]]) -> None:
+        async def send(g: list[tuple[bytes, ObjectKey, memoryview]]) -> Exception | None:
+            # One outcome per group: a failed pipeline may have applied some of its SETs.
             try:
-                await send_once(g)
-            except rexc.DataError:
-                if not self._drop_zero_copy():
-                    raise
-                await send_once(g)
+                with _seam("put_many"):
+                    for _, key, view in g:
+                        self._check_bulk(key, view.nbytes)
+                    try:
+                        await send_once(g)
+                    except rexc.DataError:
+                        if not self._drop_zero_copy():
+                            raise
+                        await send_once(g)
+            except StorageError as exc:
+                return exc
+            return None
 
         with _seam("put_many"):
             if self._server_version is None:
                 await self._probe()
-            await self._bounded([lambda g=g: send(g) for g in groups])  # type: ignore[misc]
+        outcomes = await self._bounded([lambda g=g: send(g) for g in groups])  # type: ignore[misc]
+        by_name: dict[bytes, Exception | None] = {}
+        for g, outcome in zip(groups, outcomes, strict=True):
+            for name, _, _ in g:
+                by_name[name] = outcome
+        return [by_name[name] for name, _, _ in pending]
 
     async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
         # docstring inherited

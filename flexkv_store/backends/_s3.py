@@ -39,6 +39,7 @@ import botocore.loaders
 import botocore.session
 import urllib3.exceptions
 
+from flexkv_store._aio import settle
 from flexkv_store.backends.base import (
     Buffer,
     Capabilities,
@@ -242,7 +243,8 @@ class S3Adapter(L2Adapter):
         attempts = self.config.max_attempts
         for attempt in range(attempts):
             try:
-                return await loop.run_in_executor(self._pool, fn)
+                # settle: fn may read the caller's buffer in the pool thread
+                return await settle(loop.run_in_executor(self._pool, fn))
             except (_Changed, StorageError):
                 raise
             except Exception as exc:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
-from flexkv_store.errors import BufferTooSmallError
+from flexkv_store.errors import BufferTooSmallError, InvalidKeyError, StorageError
 from flexkv_store.keyformat import ObjectKey, as_bytes_view
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "L2Adapter",
     "ObjectInfo",
     "check_key",
+    "raise_batch",
     "writable_view",
 ]
 
@@ -97,6 +98,30 @@ def writable_view(out: Buffer) -> memoryview:
     if mv.readonly:
         raise TypeError("out must be a writable buffer")
     return mv
+
+
+def raise_batch(what: str, keys: Sequence[ObjectKey], results: Sequence[Exception | None]) -> None:
+    """Raise the failures of a batch's per-item ``results`` (see :meth:`L2Adapter.put_each`).
+
+    One failure is raised unchanged; several become one ``StorageError`` (of the items' own
+    class when they share one) that says how many failed and which first, chained to it.
+    """
+    failed = [(k, e) for k, e in zip(keys, results, strict=True) if e is not None]
+    if not failed:
+        return
+    if len(failed) == 1:
+        raise failed[0][1]
+    key, first = failed[0]
+    kind = type(first)
+    if any(type(e) is not kind for _, e in failed):
+        kind = StorageError
+    if not issubclass(kind, StorageError) or kind is BufferTooSmallError:
+        raise first  # all of one kind whose constructor takes more than a message
+    # The same class as the items' errors when they agree (e.g. all unavailable).
+    raise kind(
+        f"{what}: {len(failed)} of {len(results)} objects not stored; "
+        f"first {key.to_wire()}: {first}"
+    ) from first
 
 
 class L2Adapter(ABC):
@@ -171,14 +196,41 @@ class L2Adapter(ABC):
         """Whether ``key`` is stored. The default asks :meth:`size`."""
         return await self.size(key) is not None
 
-    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
-        """Store several objects; each one is atomic on its own, the batch is not.
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
+        """Store several objects; one outcome per item, in order (``None``: stored).
 
-        Note to implementers: the default runs :meth:`put` with bounded concurrency; if one
-        fails, the others still finish and the first error is raised.
+        Each object is atomic on its own, the batch is not: a failed item leaves that key
+        with its old object or none, whatever happened to the others. Every item has
+        finished (no thread or request still reads its buffer) when this returns. Errors
+        are :class:`~flexkv_store.errors.StorageError` (or ``InvalidKeyError`` for a key
+        the adapter cannot store); anything else is raised.
+
+        Note to implementers: the default runs :meth:`put` with bounded concurrency.
+        Override it to send a batch in one round trip or submission.
         """
         pairs = list(items)
-        await self._run_many(lambda kv: self.put(kv[0], kv[1]), pairs)
+        sem = asyncio.Semaphore(max(1, self.batch_concurrency))
+
+        async def one(kv: tuple[ObjectKey, Buffer]) -> Exception | None:
+            async with sem:
+                try:
+                    await self.put(kv[0], kv[1])
+                except (StorageError, InvalidKeyError) as exc:
+                    return exc
+                return None
+
+        return list(await asyncio.gather(*(one(kv) for kv in pairs)))
+
+    async def put_many(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> None:
+        """Store several objects; raise if any failed (see :meth:`put_each`).
+
+        A single failure is raised as it is; several as one
+        :class:`~flexkv_store.errors.StorageError` that counts them, chained to the first.
+        """
+        pairs = list(items)
+        raise_batch(
+            self.name or type(self).__name__, [k for k, _ in pairs], await self.put_each(pairs)
+        )
 
     async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
         """Payloads of ``keys`` in order, ``None`` for each miss."""

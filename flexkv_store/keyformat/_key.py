@@ -259,7 +259,9 @@ class ObjectKey(tuple[str, int, bytes, str]):
     @property
     def filename_is_overlong(self) -> bool:
         """True when :meth:`to_filename` gives the hashed (non-invertible) form."""
-        return self.to_filename().startswith("h-")
+        # Plain names always hold "@"; the hashed form never does (a model name may well
+        # start with "h-").
+        return "@" not in self.to_filename()
 
     @classmethod
     def from_filename(cls, name: str) -> ObjectKey:

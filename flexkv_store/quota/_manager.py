@@ -110,7 +110,7 @@ class QuotaManager:
         self,
         lru: UserLRU,
         *,
-        evict: Callable[[list[Victim]], Awaitable[None]],
+        evict: Callable[[list[Victim]], Awaitable[object]],
         lock: Callable[[], Any],
         state: QuotaState | None = None,
     ) -> None:

@@ -14,7 +14,8 @@ import json
 import math
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flexkv_store.errors import FlexKVStoreError, InvalidKeyError
 from flexkv_store.metrics import CONTENT_TYPE
 from flexkv_store.quota._manager import GIB, QuotaInfo, api_salt
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from flexkv_store.store import Store
@@ -80,6 +83,8 @@ def parse_limit(body: bytes) -> int:
         doc = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"body: must be a JSON object ({exc})", "body") from None
+    except RecursionError:
+        raise ApiError(400, "body: nested too deeply to be a quota", "body") from None
     if not isinstance(doc, dict):
         raise ApiError(400, 'body: must be a JSON object like {"limit_gb": 1}', "body")
     given = [k for k in ("limit_gb", "limit_bytes") if k in doc]
@@ -186,15 +191,26 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
         ):
             raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer ...)")
 
-    async def ready() -> None:
-        await store.open()
+    async def on_store(fn: Callable[[], Awaitable[_T]]) -> _T:
+        # The store's locks and bookkeeping belong to its own loop, which is not this
+        # server's when the store is driven by store.blocking() (an engine's threads).
+        async def run() -> _T:
+            await store.open()
+            return await fn()
+
+        return await store.run_on_loop(run)
+
+    async def read(fn: Callable[[], _T]) -> _T:
+        async def now() -> _T:
+            return fn()
+
+        return await on_store(now)
 
     router = APIRouter()
 
     @router.get("/quota", summary="Every salt with a quota or usage")
     async def list_quotas() -> dict[str, Any]:
-        await ready()
-        users = store.quota.usage()
+        users = await read(store.quota.usage)
         return {"users": {i.as_dict()["cache_salt"]: _quota_entry(i) for i in users.values()}}
 
     @router.get(
@@ -202,8 +218,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     )
     async def get_quota(cache_salt: str, request: Request) -> dict[str, Any]:
         salt = _path_salt(cache_salt, request)
-        await ready()
-        return store.quota.info(salt or "_default").as_dict()
+        return await read(lambda: store.quota.info(salt or "_default").as_dict())
 
     @router.put(
         "/quota/{cache_salt:path}",
@@ -215,8 +230,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
         require_token(request)
         salt = _path_salt(cache_salt, request)
         limit = parse_limit(await request.body())
-        await ready()
-        evicted = await store.quota.set_quota(salt or "_default", limit)
+        evicted = await on_store(lambda: store.quota.set_quota(salt or "_default", limit))
         return {
             "cache_salt": salt or "_default",
             "limit_gb": limit / GIB,
@@ -234,13 +248,14 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     async def delete_quota(cache_salt: str, request: Request) -> dict[str, Any]:
         require_token(request)
         salt = _path_salt(cache_salt, request)
-        await ready()
-        existed = await store.quota.delete_quota(salt or "_default")
+        existed = await on_store(lambda: store.quota.delete_quota(salt or "_default"))
         return {"cache_salt": salt or "_default", "status": "removed" if existed else "not_found"}
 
     @router.get("/usage", summary="Totals per salt and per backend")
     async def usage() -> dict[str, Any]:
-        await ready()
+        return await read(usage_now)
+
+    def usage_now() -> dict[str, Any]:
         info = store.info()
         users = store.quota.usage()
         return {
@@ -262,12 +277,8 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
 
     @router.get("/health", summary="Liveness and backend status")
     async def health() -> dict[str, Any]:
-        await ready()
-        return {
-            "status": "ok",
-            "uptime_s": round(time.time() - started, 3),
-            "backends": store.info()["backends"],
-        }
+        backends = await read(lambda: store.info()["backends"])
+        return {"status": "ok", "uptime_s": round(time.time() - started, 3), "backends": backends}
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:

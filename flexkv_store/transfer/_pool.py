@@ -6,6 +6,7 @@ and chunks of one engine mostly share a size, so buffers are kept and handed out
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -83,13 +84,19 @@ class BufferPool:
         return self._held + nbytes <= self._capacity
 
     def acquire(
-        self, shape: Sequence[int], dtype: torch.dtype, *, timeout: float | None = None
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        *,
+        timeout: float | None = None,
+        abort: threading.Event | None = None,
     ) -> torch.Tensor:
         """Return a contiguous ``dtype`` tensor of ``shape`` from the pool (contents undefined).
 
         Waits up to ``timeout`` seconds (``None``: no limit) for buffers in use to be released
         when the pool is full, then raises ``TimeoutError``. A request larger than the
-        capacity raises ``ValueError`` at once.
+        capacity raises ``ValueError`` at once. Setting ``abort`` (then :meth:`wake`) ends a
+        wait with ``TimeoutError``.
         """
         dims = tuple(int(d) for d in shape)
         if any(d < 0 for d in dims):
@@ -113,6 +120,8 @@ class BufferPool:
                     self._held += nbytes
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
+                if abort is not None and abort.is_set():
+                    raise TimeoutError("BufferPool: the wait for a buffer was abandoned")
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(
                         f"BufferPool: {nbytes} bytes not available within {timeout} s "
@@ -131,6 +140,33 @@ class BufferPool:
         with self._cond:
             self._in_use[int(view.data_ptr())] = raw
         return view
+
+    async def acquire_async(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`acquire` for a coroutine: waits in a worker thread, never on the loop.
+
+        Cancellation-safe: a cancelled caller abandons its wait, and a buffer that was
+        handed out just as the cancellation came is released again, so none leaks.
+        """
+        abort = threading.Event()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, lambda: self.acquire(shape, dtype, abort=abort))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            abort.set()
+            self.wake()
+
+            def give_back(f: asyncio.Future[torch.Tensor]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.release(f.result())
+
+            fut.add_done_callback(give_back)
+            raise
+
+    def wake(self) -> None:
+        """Make waiting :meth:`acquire` calls re-check their ``abort`` events."""
+        with self._cond:
+            self._cond.notify_all()
 
     def release(self, buffer: torch.Tensor) -> None:
         """Return a tensor obtained from :meth:`acquire` to the pool."""

@@ -86,8 +86,7 @@ async def put_blocks(
     nbytes = spec.chunk_nbytes(b)
     pool = pool_of(store)
     for group in _groups(len(ks), nbytes, pool):
-        # in a thread: waiting for another task's buffer must not block the event loop
-        buf = await asyncio.to_thread(pool.acquire, (len(group), *shape), spec.dtype)
+        buf = await pool.acquire_async((len(group), *shape), spec.dtype)
         try:
             for j, i in enumerate(group):
                 gather_blocks(
@@ -129,8 +128,7 @@ async def get_blocks(
     pool = pool_of(store)
     loaded = 0
     for group in _groups(present, nbytes, pool):
-        # in a thread: waiting for another task's buffer must not block the event loop
-        buf = await asyncio.to_thread(pool.acquire, (len(group), *shape), spec.dtype)
+        buf = await pool.acquire_async((len(group), *shape), spec.dtype)
         try:
             sizes = await asyncio.gather(
                 *(_read(store, ks[i], buf[j]) for j, i in enumerate(group))
