@@ -429,7 +429,7 @@ class FsAdapter(L2Adapter):
             if policy == "always":
                 _fsync_dir(os.path.dirname(job.final))
         except OSError as exc:
-            job.error = exc
+            job.error = _detached(exc)
         finally:
             self._discard(job)
 
@@ -453,7 +453,7 @@ class FsAdapter(L2Adapter):
                 try:
                     yield self._prepare_put(job, payload)
                 except OSError as exc:
-                    job.error = exc
+                    job.error = _detached(exc)
                     self._discard(job)
 
         try:
@@ -583,7 +583,7 @@ class FsAdapter(L2Adapter):
             assert job.payload is not None
             self._verify(job, job.header or b"", job.payload, op.result)
         except OSError as exc:
-            job.error = exc
+            job.error = _detached(exc)
         finally:
             job.release()
 
@@ -644,7 +644,7 @@ class FsAdapter(L2Adapter):
                 try:
                     op = self._prepare_read(job, out, direct)
                 except (OSError, StorageError) as exc:
-                    job.error = exc
+                    job.error = _detached(exc)
                     job.release()
                     continue
                 if op is None:
@@ -1065,6 +1065,16 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback, to keep on a job.
+
+    The traceback's frames reach the engine's loop, whose locals hold cffi views of the
+    job's buffers: kept on the job, that is a reference cycle, and the garbage collector
+    may then clear a memoryview before the cffi buffer exported from it (a crash).
+    """
+    return exc.with_traceback(None)
 
 
 def _mapped(what: str, exc: BaseException | None) -> Exception | None:

@@ -551,8 +551,9 @@ class RedisAdapter(L2Adapter):
                 pipe.execute_command("SET", name, self._framed(key, view))
             await pipe.execute()
 
-        async def send(g: list[tuple[bytes, ObjectKey, memoryview]]) -> Exception | None:
+        async def send(g: list[tuple[bytes, ObjectKey, memoryview]]) -> list[Exception | None]:
             # One outcome per group: a failed pipeline may have applied some of its SETs.
+            # (In a list: _bounded raises results that are exceptions.)
             try:
                 with _seam("put_many"):
                     for _, key, view in g:
@@ -564,8 +565,8 @@ class RedisAdapter(L2Adapter):
                             raise
                         await send_once(g)
             except StorageError as exc:
-                return exc
-            return None
+                return [exc]
+            return [None]
 
         with _seam("put_many"):
             if self._server_version is None:
@@ -574,7 +575,7 @@ class RedisAdapter(L2Adapter):
         by_name: dict[bytes, Exception | None] = {}
         for g, outcome in zip(groups, outcomes, strict=True):
             for name, _, _ in g:
-                by_name[name] = outcome
+                by_name[name] = outcome[0]
         return [by_name[name] for name, _, _ in pending]
 
     async def get_many(self, keys: Sequence[ObjectKey]) -> list[bytes | None]:
