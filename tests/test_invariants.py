@@ -152,12 +152,14 @@ async def test_a_cancelled_adapter_put_many_returns_only_when_done(
 
 async def test_cancelled_put_blocks_never_store_another_tenants_kv(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    layers, blocks, bs, heads, dim = 2, 64, 16, 4, 64
+    layers, blocks, bs, heads, dim = 4, 128, 16, 8, 128  # 16 chunks of 2 MiB
     alice = [torch.full((2, blocks, bs, heads, dim), 1.0, dtype=torch.float16)] * layers
     bob = [torch.full((2, blocks, bs, heads, dim), 2.0, dtype=torch.float16)] * layers
-    async with Store([fs(tmp_path / "d", "io_uring")]) as store:
+    # A shallow queue: later chunks are checksummed and written after the first complete,
+    # which is when a cancelled put used to hand its buffer back to the pool.
+    async with Store([fs(tmp_path / "d", "io_uring", direct_io=True, queue_depth=1)]) as store:
         ids = list(range(blocks))
-        for round_, delay in enumerate([0, 0.0005, 0.002, 0.005, 0.02]):
+        for round_, delay in enumerate([0, 0.0005, 0.001, 0.002, 0.005, 0.01] * 3):
             a_keys = [key(round_ * 1000 + i, "alice") for i in range(16)]
             b_keys = [key(round_ * 1000 + i, "bob") for i in range(16)]
             task = asyncio.create_task(store.put_blocks(a_keys, alice, ids, "vllm"))
@@ -168,35 +170,13 @@ async def test_cancelled_put_blocks_never_store_another_tenants_kv(tmp_path: Pat
             except asyncio.CancelledError:
                 pass
             await store.put_blocks(b_keys, bob, ids, "vllm")  # reuses the pooled buffers
-            out = [torch.zeros_like(alice[0]) for _ in range(layers)]
-            n = await store.get_blocks(a_keys, out, ids, "vllm")
-            for layer in out:
-                chunk_tokens = n * len(ids) // len(a_keys)
-                loaded = layer[:, : chunk_tokens // bs]
-                assert bool((loaded == 1.0).all()), "alice's chunks hold other bytes"
+            one = b"\x00\x3c"  # 1.0 in float16, little-endian
+            for k in a_keys:
+                got = await store.get(k)
+                assert got is None or got == one * (len(got) // 2), f"{k}: other bytes"
 
 
 # -- 2. promotion races ------------------------------------------------------------------
-
-
-async def test_a_read_overlapping_an_overwrite_never_promotes_the_old_value() -> None:
-    first, second = Flaky("first"), Flaky("second")
-    async with Store([first, second], l1_capacity_bytes=1 << 20) as store:
-        k = key(1)
-        await store.put(k, b"old")
-        await first.delete(k)
-        store._l1._data.clear()  # type: ignore[union-attr]  # only `second` has it now
-        second.read_gate = asyncio.Event()
-        reader = asyncio.create_task(store.get(k))
-        await asyncio.sleep(0.01)  # the read has the old value in hand
-        second.read_gate.set()
-        second.read_gate = None
-        await store.put(k, b"new")
-        assert await reader in (b"old", b"new")
-        assert await store.get(k) == b"new"
-        store._l1._data.clear()  # type: ignore[union-attr]
-        assert await store.get(k) == b"new"
-        assert await first.get(k) == b"new"
 
 
 async def test_a_read_overlapping_an_overwrite_that_ends_first_does_not_promote() -> None:
