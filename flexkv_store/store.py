@@ -508,28 +508,7 @@ class Store:
         if self._l1 is not None:
             for k in keys:
                 self._l1.pop(k)
-        errors: list[StorageError] = []
-        failed: set[ObjectKey] = set()
-
-        async def one(b: int, backend: L2Adapter, label: str) -> None:
-            try:
-                await backend.delete_many(keys)
-            except StorageError as exc:
-                self._backend_failed(label, "evict", exc)
-                errors.append(exc)
-                for k in keys:
-                    self._suspects.add(b, k)
-                failed.update(keys)
-                return
-            for k in keys:
-                self._suspects.removed(b, k)
-
-        await asyncio.gather(
-            *(
-                one(b, backend, label)
-                for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True))
-            )
-        )
+        _, errors, failed = await self._delete_everywhere(keys, "evict")
         for key, size in victims:
             if key in failed:
                 self.lru.record(key, size)
@@ -537,6 +516,37 @@ class Store:
         self._gens.changed(keys)
         self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
         return errors
+
+    async def _delete_everywhere(
+        self, keys: list[ObjectKey], op: str
+    ) -> tuple[list[bool], list[StorageError], set[ObjectKey]]:
+        """Delete ``keys`` from every backend at once: whether some backend held each, the
+        backends' errors, and the keys a backend may still hold (marked suspect there)."""
+        errors: list[StorageError] = []
+        failed: set[ObjectKey] = set()
+
+        async def one(b: int, backend: L2Adapter, label: str) -> list[bool]:
+            try:
+                res = await backend.delete_many(keys)
+            except StorageError as exc:
+                self._backend_failed(label, op, exc)
+                errors.append(exc)
+                for k in keys:
+                    self._suspects.add(b, k)
+                failed.update(keys)
+                return [False] * len(keys)
+            for k in keys:
+                self._suspects.removed(b, k)
+            return res
+
+        results = await asyncio.gather(
+            *(
+                one(b, backend, label)
+                for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True))
+            )
+        )
+        held = [any(col) for col in zip(*results, strict=True)] if results else []
+        return held, errors, failed
 
     async def delete(self, key: ObjectKey) -> bool:
         """Remove ``key`` from every tier; whether any held it."""
@@ -562,7 +572,7 @@ class Store:
             ) from _group("delete", errors)
         return found
 
-    async def _delete_locked(self, keys: list[ObjectKey]) -> tuple[list[bool], list[Exception]]:
+    async def _delete_locked(self, keys: list[ObjectKey]) -> tuple[list[bool], list[StorageError]]:
         found = [False] * len(keys)
         self._gens.changed(keys)
         for i, k in enumerate(keys):
@@ -570,31 +580,8 @@ class Store:
                 found[i] = True
             if self._l1 is not None and self._l1.pop(k):
                 found[i] = True
-        errors: list[Exception] = []
-        failed: set[ObjectKey] = set()
-
-        async def one(b: int, backend: L2Adapter, label: str) -> list[bool]:
-            try:
-                res = await backend.delete_many(keys)
-            except StorageError as exc:
-                self._backend_failed(label, "delete", exc)
-                errors.append(exc)
-                for k in keys:
-                    self._suspects.add(b, k)
-                failed.update(keys)
-                return [False] * len(keys)
-            for k in keys:
-                self._suspects.removed(b, k)
-            return res
-
-        results = await asyncio.gather(
-            *(
-                one(b, backend, label)
-                for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True))
-            )
-        )
-        for res in results:
-            found = [a or b for a, b in zip(found, res, strict=True)]
+        held, errors, failed = await self._delete_everywhere(keys, "delete")
+        found = [a or b for a, b in zip(found, held, strict=True)]
         for k in keys:
             if k in failed:
                 self._suspects.orphans.add(k)  # still accounted while a copy may exist
