@@ -446,14 +446,14 @@ async def _usage(store: Store, salt: str) -> int:
     return store.lru.usage(salt).nbytes
 
 
-def test_a_deeply_nested_json_body_is_a_400() -> None:
-    from fastapi.testclient import TestClient
-
+async def test_a_deeply_nested_json_body_is_a_400() -> None:
     store = Store([MemoryAdapter()])
-    with TestClient(create_app(store)) as client:
-        r = client.put("/api/quota/alice", content=b"[" * 100000 + b"]" * 100000)
+    transport = httpx.ASGITransport(app=create_app(store))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        r = await client.put("/api/quota/alice", content=b"[" * 100000 + b"]" * 100000)
         assert r.status_code == 400
         assert r.json()["field"] == "body"
+    await store.close()
 
 
 # -- 6. leaks, hangs, closed stores ------------------------------------------------------
