@@ -131,6 +131,10 @@ class Generations:
         self._readers[stamp] += 1
         return stamp
 
+    def hold(self, stamp: int) -> None:
+        """Keep ``stamp``'s read alive for one more :meth:`end` (work it left running)."""
+        self._readers[stamp] += 1
+
     def end(self, stamp: int) -> None:
         left = self._readers[stamp] - 1
         if left:

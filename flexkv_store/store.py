@@ -149,7 +149,10 @@ class Store:
         self._closed = False
         # Tasks inside a store call (a count: calls nest), and those close() cancelled.
         self._calls: Counter[asyncio.Task[Any]] = Counter()
+        self._call_done: dict[asyncio.Task[Any], asyncio.Future[None]] = {}
         self._closing_cancelled: set[asyncio.Task[Any]] = set()
+        # The store's own background tasks (promotions, repairs).
+        self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -174,7 +177,7 @@ class Store:
             victims = await self.quota.load(self._initial_quotas)
             if self._rebuild:
                 victims += await self._rebuild_accounting()
-            await self._evict(victims)
+            await settle(self._evict(victims))
             self._opened = True
         return self
 
@@ -207,14 +210,18 @@ class Store:
             return
         self._closed = True
         me = asyncio.current_task()
-        others = [t for t in self._calls if t is not me and not t.done()]
-        if self._repair_task is not None and not self._repair_task.done():
-            others.append(self._repair_task)
-        for task in others:
+        callers = [t for t in self._calls if t is not me and not t.done()]
+        for task in callers:
             self._closing_cancelled.add(task)
             task.cancel()
-        if others:
-            await asyncio.gather(*others, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        # Wait for the store calls to end, not for the callers' tasks (an engine task goes
+        # on after its call failed); shielded, so a cancelled close() still closes.
+        waits = [self._call_done[t] for t in callers if t in self._call_done]
+        waits += list(self._tasks)
+        if waits:
+            await asyncio.shield(asyncio.gather(*waits, return_exceptions=True))
         for backend in self.backends:
             try:
                 await backend.aclose()
@@ -246,12 +253,17 @@ class Store:
         task = asyncio.current_task()
         assert task is not None
         self._calls[task] += 1
+        if task not in self._call_done:
+            self._call_done[task] = asyncio.get_running_loop().create_future()
         try:
             if not self._opened:
                 await self.open()
             yield
         except asyncio.CancelledError:
             if task in self._closing_cancelled:
+                uncancel = getattr(task, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None:
+                    uncancel()  # close() asked for it, not the task's owner
                 raise StoreClosedError(
                     "the store was closed while this call was in flight"
                 ) from None
@@ -263,6 +275,9 @@ class Store:
             else:
                 del self._calls[task]
                 self._closing_cancelled.discard(task)
+                done = self._call_done.pop(task)
+                if not done.done():
+                    done.set_result(None)
 
     async def run_on_loop(self, fn: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``fn()`` on the store's own event loop and await its result from any loop.
@@ -509,6 +524,7 @@ class Store:
             for k in keys:
                 self._l1.pop(k)
         _, errors, failed = await self._delete_everywhere(keys, "evict")
+        self._drop_from_l1(keys)  # a read may have promoted one meanwhile
         for key, size in victims:
             if key in failed:
                 self.lru.record(key, size)
@@ -516,6 +532,11 @@ class Store:
         self._gens.changed(keys)
         self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
         return errors
+
+    def _drop_from_l1(self, keys: Iterable[ObjectKey]) -> None:
+        if self._l1 is not None:
+            for k in keys:
+                self._l1.pop(k)
 
     async def _delete_everywhere(
         self, keys: list[ObjectKey], op: str
@@ -581,6 +602,7 @@ class Store:
             if self._l1 is not None and self._l1.pop(k):
                 found[i] = True
         held, errors, failed = await self._delete_everywhere(keys, "delete")
+        self._drop_from_l1(keys)  # a read may have promoted one meanwhile
         found = [a or b for a, b in zip(found, held, strict=True)]
         for k in keys:
             if k in failed:
@@ -631,6 +653,8 @@ class Store:
             return
         self._last_repair = time.monotonic()
         self._repair_task = asyncio.get_running_loop().create_task(self._background_repair())
+        self._tasks.add(self._repair_task)
+        self._repair_task.add_done_callback(self._tasks.discard)
 
     async def _background_repair(self) -> None:
         try:
@@ -683,7 +707,7 @@ class Store:
             t0 = time.perf_counter()
             try:
                 got = await backend.get_many([keys[i] for i in ask])
-            except StorageError as exc:
+            except Exception as exc:  # any backend failure is a miss, never the engine's
                 self._backend_failed(label, "get", exc)
                 continue
             self._observe(label, "get", t0)
@@ -725,8 +749,29 @@ class Store:
                 later.append((key, data, b))
         if not later:
             return
-        async with self._write_lock(k.cache_salt for k, _, _ in later):
-            await settle(self._promote_locked(later, stamp))
+        # In the background: the read has its data and must not wait for a write lock (or
+        # for a slow earlier backend). The task keeps the read's stamp alive meanwhile.
+        self._gens.hold(stamp)
+        self._background(self._promote_later(later, stamp))
+
+    async def _promote_later(self, items: list[tuple[ObjectKey, bytes, int]], stamp: int) -> None:
+        try:
+            async with self._write_lock(k.cache_salt for k, _, _ in items):
+                await self._promote_locked(items, stamp)
+        except Exception as exc:  # best effort: a promotion never fails anything
+            log.warning("promotion failed: %s", exc)
+        finally:
+            self._gens.end(stamp)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Wait until background work (promotions into earlier backends, repairs) is done."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _promote_locked(self, items: list[tuple[ObjectKey, bytes, int]], stamp: int) -> None:
         for key, data, b in items:
@@ -775,7 +820,7 @@ class Store:
                 n = await backend.get_into(key, view)
             except BufferTooSmallError:
                 raise
-            except StorageError as exc:
+            except Exception as exc:  # any backend failure is a miss, never the engine's
                 self._backend_failed(label, "get", exc)
                 continue
             if n is None or self._suspects.at(b, key):
@@ -810,7 +855,7 @@ class Store:
                     continue
                 try:
                     res = await backend.exists_many([keys[i] for i in ask])
-                except StorageError as exc:
+                except Exception as exc:  # any backend failure is a miss
                     self._backend_failed(label, "exists", exc)
                     continue
                 for i, ok in zip(ask, res, strict=True):

@@ -71,6 +71,7 @@ class Flaky(MemoryAdapter):
         self.fail_deletes = False
         self.read_gate: asyncio.Event | None = None
         self.put_gate: asyncio.Event | None = None
+        self.delete_gate: asyncio.Event | None = None
 
     async def put(self, key: ObjectKey, data: Any) -> None:
         if self.put_gate is not None:
@@ -91,6 +92,8 @@ class Flaky(MemoryAdapter):
         return await super().delete(key)
 
     async def delete_many(self, keys: Any) -> list[bool]:
+        if self.delete_gate is not None:
+            await self.delete_gate.wait()
         try:
             return await super().delete_many(keys)
         except OSError as exc:
@@ -215,6 +218,93 @@ async def test_a_delete_during_a_promotion_write_does_not_resurrect_the_key() ->
         await store.put(key(2), b"y" * 100)
         assert store.lru.usage("alice").nbytes <= 100
         assert sum((await held(store)).values()) <= 100
+
+
+async def test_a_read_during_a_delete_does_not_bring_the_value_back_into_l1() -> None:
+    b = Flaky("b")
+    async with Store([b], l1_capacity_bytes=1 << 20) as store:
+        k = key(1)
+        await store.put(k, b"v1")
+        store._l1.pop(k)  # type: ignore[union-attr]  # L1 dropped it under pressure
+        b.delete_gate = asyncio.Event()
+        deleter = asyncio.create_task(store.delete(k))
+        await asyncio.sleep(0.01)  # the delete is at the backend
+        assert await store.get(k) in (b"v1", None)  # overlaps the delete
+        b.delete_gate.set()
+        assert await deleter is True
+        assert await store.get(k) is None
+
+
+async def test_a_cancelled_quota_change_still_evicts_what_it_chose() -> None:
+    b = Flaky("b")
+    async with Store([b]) as store:
+        for i in range(4):
+            await store.put(key(i), b"x" * 100)
+        b.delete_gate = asyncio.Event()
+        change = asyncio.create_task(store.quota.set_quota("alice", 150))
+        await asyncio.sleep(0.01)
+        change.cancel()
+        b.delete_gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await change
+        assert accounted(store) == await held(store)
+        assert store.lru.usage("alice").nbytes <= 150
+
+
+async def test_a_quota_change_whose_evictions_fail_says_so() -> None:
+    b = Flaky("b")
+    async with Store([b]) as store:
+        store.repair_interval = float("inf")
+        for i in range(4):
+            await store.put(key(i), b"x" * 100)
+        b.fail_deletes = True
+        with pytest.raises(StorageError, match="could not be evicted"):
+            await store.quota.set_quota("alice", 150)
+        assert accounted(store) == await held(store)  # still stored, still counted
+        b.fail_deletes = False
+        await store.repair()
+        await store.quota.set_quota("alice", 150)
+        assert store.lru.usage("alice").nbytes <= 150
+        assert accounted(store) == await held(store)
+
+
+async def test_close_waits_for_the_store_call_not_for_the_callers_task() -> None:
+    slow = Flaky("slow")
+    store = Store([slow])
+    await store.open()
+    await store.put(key(1), b"x")
+    slow.read_gate = asyncio.Event()
+    failed = asyncio.Event()
+
+    async def engine() -> None:
+        try:
+            await store.get(key(1))
+        except StoreClosedError:
+            failed.set()
+        await asyncio.sleep(3600)  # the engine goes on with other work
+
+    task = asyncio.create_task(engine())
+    await asyncio.sleep(0.01)
+    asyncio.get_running_loop().call_later(0.05, slow.read_gate.set)
+    await asyncio.wait_for(store.close(), timeout=10)
+    assert failed.is_set()
+    assert not task.done()
+    if hasattr(task, "cancelling"):
+        assert task.cancelling() == 0  # close()'s cancellation was taken back
+    task.cancel()
+
+
+async def test_a_read_does_not_wait_for_its_promotion() -> None:
+    first, second = Flaky("first"), Flaky("second")
+    async with Store([first, second]) as store:
+        k = key(1)
+        await store.put(k, b"v")
+        await first.delete(k)
+        first.put_gate = asyncio.Event()  # the earlier backend hangs on writes
+        assert await asyncio.wait_for(store.get(k), timeout=2) == b"v"
+        first.put_gate.set()
+        await store.wait_idle()
+        assert await first.get(k) == b"v"
 
 
 # -- 3. writes that landed are accounted -------------------------------------------------

@@ -79,6 +79,7 @@ async def test_l1_tier_and_promotion() -> None:
     await slow.put(k, b"x" * 10)  # written before this store opened, e.g. by another worker
     async with Store([fast, slow], l1_capacity_bytes=25) as store:
         assert await store.get(k) == b"x" * 10
+        await store.wait_idle()  # backend promotion runs in the background
         assert await fast.get(k) == b"x" * 10, "a hit in a later backend is promoted"
         assert store.info()["l1"]["objects"] == 1
         await fast.delete(k)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from flexkv_store._aio import settle
 from flexkv_store.errors import StorageError
 from flexkv_store.keyformat import check_cache_salt
 from flexkv_store.quota._userlru import Tally, UserLRU, Victim, load_quotas, save_quotas
@@ -110,7 +111,7 @@ class QuotaManager:
         self,
         lru: UserLRU,
         *,
-        evict: Callable[[list[Victim]], Awaitable[object]],
+        evict: Callable[[list[Victim]], Awaitable[Sequence[BaseException]]],
         lock: Callable[[], Any],
         state: QuotaState | None = None,
     ) -> None:
@@ -129,6 +130,22 @@ class QuotaManager:
         if self.state is not None:
             await self.state.save(self.lru.quotas())
 
+    async def _carry_out(self, victims: list[Victim]) -> Tally:
+        """Delete the victims a change chose; what was evicted.
+
+        Shielded from cancellation (they already left the accounting, so a half-done
+        eviction would leave objects nobody counts). Victims a backend could not delete stay
+        stored and counted: then a ``StorageError`` says so (the change itself applies).
+        """
+        errors = await settle(self._evict(victims))
+        done = [v for v in victims if not self.lru.contains(v[0])]
+        if errors:
+            raise StorageError(
+                f"the change applies, but {len(victims) - len(done)} object(s) could not be "
+                "evicted: they stay stored and counted, and their deletes are retried"
+            ) from errors[0]
+        return Tally(sum(n for _, n in done), len(done))
+
     async def set_quota(self, salt: str, limit_bytes: int) -> Tally:
         """Set ``salt``'s quota; returns what it evicted (bytes, objects)."""
         salt = api_salt(salt)
@@ -137,8 +154,8 @@ class QuotaManager:
             try:
                 await self._persist()
             finally:
-                await self._evict(victims)  # they already left the accounting
-        return Tally(sum(n for _, n in victims), len(victims))
+                tally = await self._carry_out(victims)  # they already left the accounting
+        return tally
 
     def get_quota(self, salt: str) -> int | None:
         """``salt``'s explicit quota in bytes, or ``None``."""
@@ -153,22 +170,20 @@ class QuotaManager:
                 if existed:
                     await self._persist()
             finally:
-                await self._evict(victims)
+                await self._carry_out(victims)
         return existed
 
     async def set_default_quota(self, limit_bytes: int | None) -> Tally:
         """Change the default quota (None = unlimited, 0 = allowlist); evicts at once."""
         async with self._lock():
             victims = self.lru.set_default_quota(limit_bytes)
-            await self._evict(victims)
-        return Tally(sum(n for _, n in victims), len(victims))
+            return await self._carry_out(victims)
 
     async def set_capacity(self, limit_bytes: int | None) -> Tally:
         """Change the global capacity; evicts in global LRU order at once."""
         async with self._lock():
             victims = self.lru.set_capacity(limit_bytes)
-            await self._evict(victims)
-        return Tally(sum(n for _, n in victims), len(victims))
+            return await self._carry_out(victims)
 
     def info(self, salt: str) -> QuotaInfo:
         """Quota and usage of one salt."""
