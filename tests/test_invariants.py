@@ -100,6 +100,17 @@ class Flaky(MemoryAdapter):
             raise StorageError(f"{self.name}: delete refused: {exc}") from exc
 
 
+async def cancel_after(coro: Any, delay: float) -> None:
+    """Run ``coro`` as a task and cancel it after ``delay`` seconds (if still running)."""
+    task = asyncio.create_task(coro)
+    await asyncio.sleep(delay)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 engines = pytest.mark.parametrize("engine", ["io_uring", "threads"])
 
 
@@ -115,13 +126,7 @@ async def test_a_cancelled_put_many_never_publishes_reused_buffer_bytes(
             buf = bytearray(b"A" * (16 * MIB))
             keys = [key(round_ * 100 + i) for i in range(16)]
             items = [(k, memoryview(buf)[i * MIB : (i + 1) * MIB]) for i, k in enumerate(keys)]
-            task = asyncio.create_task(store.put_many(items))
-            await asyncio.sleep(delay)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await cancel_after(store.put_many(items), delay)
             buf[:] = b"B" * len(buf)  # the caller reuses its buffer at once
             for k in keys:
                 got = await store.get(k)
@@ -137,17 +142,12 @@ async def test_a_cancelled_adapter_put_many_returns_only_when_done(
         for round_, delay in enumerate([0, 0.0005, 0.002, 0.01]):
             buf = bytearray(b"A" * (8 * MIB))
             keys = [key(round_ * 100 + i) for i in range(8)]
-            task = asyncio.create_task(
+            await cancel_after(
                 adapter.put_many(
                     [(k, memoryview(buf)[i * MIB : (i + 1) * MIB]) for i, k in enumerate(keys)]
-                )
+                ),
+                delay,
             )
-            await asyncio.sleep(delay)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
             buf[:] = b"B" * len(buf)
             for k in keys:
                 assert (await adapter.get(k)) in (None, b"A" * MIB)
@@ -165,13 +165,7 @@ async def test_cancelled_put_blocks_never_store_another_tenants_kv(tmp_path: Pat
         for round_, delay in enumerate([0, 0.0005, 0.001, 0.002, 0.005, 0.01] * 3):
             a_keys = [key(round_ * 1000 + i, "alice") for i in range(16)]
             b_keys = [key(round_ * 1000 + i, "bob") for i in range(16)]
-            task = asyncio.create_task(store.put_blocks(a_keys, alice, ids, "vllm"))
-            await asyncio.sleep(delay)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await cancel_after(store.put_blocks(a_keys, alice, ids, "vllm"), delay)
             await store.put_blocks(b_keys, bob, ids, "vllm")  # reuses the pooled buffers
             one = b"\x00\x3c"  # 1.0 in float16, little-endian
             for k in a_keys:
