@@ -520,9 +520,7 @@ class Store:
             return []
         keys = [k for k, _ in victims]
         self._gens.changed(keys)
-        if self._l1 is not None:
-            for k in keys:
-                self._l1.pop(k)
+        self._drop_from_l1(keys)
         _, errors, failed = await self._delete_everywhere(keys, "evict")
         self._drop_from_l1(keys)  # a read may have promoted one meanwhile
         for key, size in victims:
