@@ -8,8 +8,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= redis,s3,server,test
 TORCH_PIN ?= torch==2.13.0
+# vLLM for the integration tests: the wheel without its CUDA requirements, beside the
+# packages its imports need (pinned in requirements/vllm-test.txt).
+VLLM_PIN ?= vllm==0.33.0
+XGRAMMAR_PIN ?= xgrammar==0.2.8
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.flexkv-installed
+VLLM_STAMP := $(VENV)/.flexkv-vllm-installed
 
 .PHONY: setup apt venv test lint typecheck pytest demo bench clean
 
@@ -39,7 +44,13 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-venv: $(STAMP)
+$(VLLM_STAMP): requirements/vllm-test.txt | $(STAMP)
+	@echo "venv: installing $(VLLM_PIN) --no-deps and its import-time packages"
+	$(PY) -m pip install -q -r requirements/vllm-test.txt
+	$(PY) -m pip install -q --no-deps "$(XGRAMMAR_PIN)" "$(VLLM_PIN)"
+	@touch $(VLLM_STAMP)
+
+venv: $(STAMP) $(VLLM_STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .

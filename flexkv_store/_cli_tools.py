@@ -116,8 +116,9 @@ async def _demo(
             task = progress.add_task("offloading and reloading KV chunks", total=len(plan))
             for tenant, tokens, _ in plan:
                 st = stats[tenant]
-                keys = chunk_keys(tokens, model_name=DEMO_MODEL, kv_rank=0,
-                                  chunk_size=chunk_tokens, cache_salt=tenant)  # fmt: skip
+                # hashes chained per engine block, a chunk keyed by its last block (as vLLM)
+                keys = chunk_keys(tokens, model_name=DEMO_MODEL, kv_rank=0, chunk_size=chunk_tokens,
+                                  block_size=DEMO_BLOCK, cache_salt=tenant)  # fmt: skip
                 if not keys:
                     progress.advance(task)
                     continue

@@ -18,3 +18,8 @@ def vectors_dir() -> Path:
 
 def load(name: str) -> Any:
     return json.loads((vectors_dir() / name).read_text(encoding="utf-8"))
+
+
+def load_local(name: str) -> Any:
+    """Vectors of our own, made with the peers' code (tests/vectors only)."""
+    return json.loads((LOCAL / name).read_text(encoding="utf-8"))
