@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from flexkv_store._aio import ExceptionGroup, settle
 from flexkv_store._consistency import Generations, Suspects, WriteLocks
+from flexkv_store._logs import Throttle
 from flexkv_store.backends import L2Adapter, ObjectInfo, open_adapter
 from flexkv_store.backends.base import Buffer, check_key, writable_view
 from flexkv_store.backends.config import FsConfig, RedisConfig
@@ -153,6 +154,8 @@ class Store:
         self._closing_cancelled: set[asyncio.Task[Any]] = set()
         # The store's own background tasks (promotions, repairs).
         self._tasks: set[asyncio.Task[None]] = set()
+        self._listeners: list[Callable[[str, list[ObjectKey]], None]] = []
+        self._warn = Throttle(log)
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -319,7 +322,7 @@ class Store:
         kind = "unavailable" if isinstance(exc, BackendUnavailableError) else "storage"
         if self.metrics is not None:
             self.metrics.backend_errors.labels(label, op, kind).inc()
-        log.warning("backend %s: %s failed: %s", label, op, exc)
+        self._warn.warn(f"{label}:{op}", "backend %s: %s failed: %s", label, op, exc)
 
     def _write_lock(self, salts: Iterable[str]) -> contextlib.AbstractAsyncContextManager[None]:
         # With a global capacity any put may evict any salt's objects: one writer at a time.
@@ -357,15 +360,81 @@ class Store:
             start = time.perf_counter()
             async with self._write_lock(k.cache_salt for k in batch):
                 # From here on a cancellation waits for the writes and their bookkeeping.
-                nbytes = await settle(self._put_locked(batch))
+                nbytes, failed = await settle(self._put_locked(batch, each=False))
+            if failed:
+                first = next(iter(failed))
+                raise StorageError(
+                    f"no backend accepted the write of {len(failed)} of {len(batch)} "
+                    f"object(s) (first: {first.to_wire()}); the backends' errors are chained"
+                ) from _group("put", [e for errs in failed.values() for e in errs])
             self._count("store", "put", "ok", nbytes)
             self._observe("store", "put", start)
         self._maybe_repair()
 
-    async def _put_locked(self, batch: dict[ObjectKey, memoryview]) -> int:
+    async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
+        """Like :meth:`put_many`, but each item succeeds or fails on its own.
+
+        Returns one outcome per item: ``None`` when it is stored and accounted, else the
+        error: :class:`QuotaExceededError` for an object that alone exceeds its quota (the
+        other items are still written), :class:`StorageError` when no backend took it.
+        What an engine's offloading tier needs: a refusal fails only those keys. Bad keys
+        still raise :class:`InvalidKeyError` before anything is written.
+        """
+        async with self._call():
+            pairs = [(check_key(k), as_bytes_view(d)) for k, d in items]
+            outcomes: list[Exception | None] = [None] * len(pairs)
+            batch: dict[ObjectKey, memoryview] = {}
+            where: dict[ObjectKey, list[int]] = {}
+            for i, (key, view) in enumerate(pairs):
+                try:
+                    self._check_fits(key, view.nbytes)
+                except QuotaExceededError as exc:
+                    outcomes[i] = exc
+                    continue
+                batch[key] = view
+                where.setdefault(key, []).append(i)
+            if not batch:
+                return outcomes
+            start = time.perf_counter()
+            try:
+                async with self._write_lock(k.cache_salt for k in batch):
+                    nbytes, failed = await settle(self._put_locked(batch, each=True))
+            except (StorageError, QuotaExceededError) as exc:  # the batch as a whole
+                for idxs in where.values():
+                    for i in idxs:
+                        outcomes[i] = exc
+                return outcomes
+            for key, errs in failed.items():
+                err: Exception
+                if len(errs) == 1 and isinstance(errs[0], QuotaExceededError):
+                    err = errs[0]
+                else:
+                    err = StorageError(f"no backend accepted the write of {key.to_wire()}")
+                    err.__cause__ = _group("put", errs)
+                for i in where[key]:
+                    outcomes[i] = err
+            self._count("store", "put", "ok", nbytes)
+            self._observe("store", "put", start)
+        self._maybe_repair()
+        return outcomes
+
+    async def _put_locked(
+        self, batch: dict[ObjectKey, memoryview], *, each: bool
+    ) -> tuple[int, dict[ObjectKey, list[Exception]]]:
+        """Admit, evict, write and account ``batch``: the bytes stored and, per key stored
+        nowhere, its errors. With ``each``, keys that no longer fit are refused alone."""
+        refused: dict[ObjectKey, list[Exception]] = {}
         # Again under the lock: a quota may have been lowered while we waited.
-        for key, view in batch.items():
-            self._check_fits(key, view.nbytes)
+        for key, view in list(batch.items()):
+            try:
+                self._check_fits(key, view.nbytes)
+            except QuotaExceededError as exc:
+                if not each:
+                    raise
+                refused[key] = [exc]
+                del batch[key]
+        if not batch:
+            return 0, refused
         admissions: dict[ObjectKey, Admission] = {}
         doomed: list[Victim] = []
         try:
@@ -421,13 +490,9 @@ class Store:
                     self._l1.put(key, bytes(view))
         if stuck:
             log.warning("%d stale copies could not be removed; they are not read", stuck)
-        if lost:
-            first = lost[0]
-            raise StorageError(
-                f"no backend accepted the write of {len(lost)} of {len(keys)} object(s) "
-                f"(first: {first.to_wire()}); the backends' errors are chained"
-            ) from _group("put", [e for k in lost for e in errors[k]])
-        return stored
+        # A key of the batch evicted by a later one of the same batch is neither written
+        # nor lost: its put is over (what it stored was evicted, as any LRU victim is).
+        return stored, {**refused, **errors}
 
     async def _undo(self, admissions: list[Admission], doomed: list[Victim]) -> None:
         """Roll admissions back before anything was written; delete what they evicted."""
@@ -529,6 +594,7 @@ class Store:
                 self._suspects.orphans.add(key)
         self._gens.changed(keys)
         self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
+        self._notify("evicted", [k for k in keys if k not in failed])
         return errors
 
     def _drop_from_l1(self, keys: Iterable[ObjectKey]) -> None:
@@ -609,7 +675,32 @@ class Store:
                 self._suspects.orphans.discard(k)
                 self.lru.remove(k)
         self._gens.changed(keys)
+        self._notify(
+            "deleted", [k for k, f in zip(keys, found, strict=True) if f and k not in failed]
+        )
         return found, errors
+
+    # -- listeners ---------------------------------------------------------------------
+
+    def add_listener(self, fn: Callable[[str, list[ObjectKey]], None]) -> None:
+        """Call ``fn(event, keys)`` on the store's loop when objects leave the store.
+
+        ``event`` is ``"evicted"`` (quota or capacity eviction, also one a quota change
+        caused), ``"deleted"`` (:meth:`delete_many`) or ``"missing"`` (the accounting
+        tracked objects that every backend then answered as absent, e.g. after a backend
+        lost its data; they are forgotten). An engine tier turns these into its own events
+        (vLLM's KV events); ``fn`` must not block. Exceptions it raises are logged.
+        """
+        self._listeners.append(fn)
+
+    def _notify(self, event: str, keys: list[ObjectKey]) -> None:
+        if not keys:
+            return
+        for fn in list(self._listeners):
+            try:
+                fn(event, keys)
+            except Exception:  # a listener never breaks a store operation
+                log.exception("store listener failed on %s", event)
 
     # -- repair ------------------------------------------------------------------------
 
@@ -666,6 +757,15 @@ class Store:
 
     def _hit(self, key: ObjectKey) -> None:
         self.lru.touch(key)
+
+    def touch(self, keys: Iterable[ObjectKey]) -> None:
+        """Mark ``keys`` recently used, as a hit would (no I/O; on the store's loop).
+
+        For hits an engine served from its own caches: they keep the chunks from being
+        the first evicted. Keys the store does not track are ignored.
+        """
+        for key in keys:
+            self.lru.touch(key)
 
     async def get(self, key: ObjectKey) -> bytes | None:
         """The chunk stored under ``key``, or ``None`` (a miss, or every backend down)."""
@@ -811,6 +911,7 @@ class Store:
                 self._count("l1", "get", "hit", len(data))
                 self._count("store", "get", "hit", len(data))
                 return len(data)
+        answered = 0  # backends that said "absent" (not down, not suspect)
         for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
             if self._suspects.at(b, key):
                 continue
@@ -822,6 +923,7 @@ class Store:
                 self._backend_failed(label, "get", exc)
                 continue
             if n is None or self._suspects.at(b, key):
+                answered += n is None
                 self._count(label, "get", "miss")
                 continue
             self._count(label, "get", "hit", n)
@@ -831,35 +933,91 @@ class Store:
                 await self._promote([(key, bytes(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
+        if answered == len(self.backends) and self.lru.contains(key):
+            self._gens.hold(stamp)
+            self._background(self._forget_later([key], stamp))
         return None
+
+    async def _forget_later(self, keys: list[ObjectKey], stamp: int) -> None:
+        """Drop from the accounting keys that every backend answered as absent.
+
+        Under the salts' write locks, and only keys no put, delete or eviction touched since
+        the read began: a put still writing the key holds the lock, and one that finished
+        meanwhile stamped it.
+        """
+        try:
+            async with self._write_lock(k.cache_salt for k in keys):
+                gone = [
+                    k
+                    for k in keys
+                    if self._gens.unchanged(k, stamp)
+                    and self.lru.contains(k)
+                    and k not in self._suspects.orphans
+                ]
+                for k in gone:
+                    self.lru.remove(k)
+                if gone:
+                    log.info("forgot %d object(s) that no backend holds any more", len(gone))
+                    self._notify("missing", gone)
+        except Exception as exc:  # bookkeeping only: never fails a read
+            log.warning("forgetting missing objects failed: %s", exc)
+        finally:
+            self._gens.end(stamp)
 
     async def contains(self, key: ObjectKey) -> bool:
         """Whether any tier holds ``key`` (does not count as a hit)."""
         return await self.lookup_prefix([key]) == 1
 
     async def exists_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
-        """Whether each key is held by some tier: one batched query per backend."""
+        """Whether each key is held by some tier: one batched query per backend.
+
+        Keys the accounting tracks but every backend answers as absent are forgotten (as
+        :meth:`get_into` does): a backend lost them.
+        """
         async with self._call():
             keys = [check_key(k) for k in keys]
-            found = [False] * len(keys)
-            todo = list(range(len(keys)))
-            if self._l1 is not None:
-                todo = [i for i in todo if keys[i] not in self._l1]
-                for i in set(range(len(keys))) - set(todo):
-                    found[i] = True
-            for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
-                ask = [i for i in todo if not self._suspects.at(b, keys[i])]
-                if not ask:
-                    continue
-                try:
-                    res = await backend.exists_many([keys[i] for i in ask])
-                except Exception as exc:  # any backend failure is a miss
-                    self._backend_failed(label, "exists", exc)
-                    continue
-                for i, ok in zip(ask, res, strict=True):
-                    found[i] = found[i] or (ok and not self._suspects.at(b, keys[i]))
-                todo = [i for i in todo if not found[i]]
-            return found
+            stamp = self._gens.begin()
+            try:
+                return self._exists_result(keys, await self._exists_many(keys), stamp)
+            finally:
+                self._gens.end(stamp)
+
+    async def _exists_many(self, keys: list[ObjectKey]) -> list[int]:
+        """Per key: -1 when some tier holds it, else how many backends said "absent"."""
+        answered = [0] * len(keys)
+        todo = list(range(len(keys)))
+        if self._l1 is not None:
+            for i in todo:
+                if keys[i] in self._l1:
+                    answered[i] = -1
+            todo = [i for i in todo if answered[i] >= 0]
+        for b, (backend, label) in enumerate(zip(self.backends, self._labels, strict=True)):
+            ask = [i for i in todo if not self._suspects.at(b, keys[i])]
+            if not ask:
+                continue
+            try:
+                res = await backend.exists_many([keys[i] for i in ask])
+            except Exception as exc:  # any backend failure is a miss
+                self._backend_failed(label, "exists", exc)
+                continue
+            for i, ok in zip(ask, res, strict=True):
+                if ok and not self._suspects.at(b, keys[i]):
+                    answered[i] = -1
+                elif not ok:
+                    answered[i] += 1
+            todo = [i for i in todo if answered[i] >= 0]
+        return answered
+
+    def _exists_result(self, keys: list[ObjectKey], answered: list[int], stamp: int) -> list[bool]:
+        lost = [
+            k
+            for k, n in zip(keys, answered, strict=True)
+            if n == len(self.backends) and self.lru.contains(k)
+        ]
+        if lost:
+            self._gens.hold(stamp)
+            self._background(self._forget_later(lost, stamp))
+        return [n < 0 for n in answered]
 
     async def lookup_prefix(self, keys: Sequence[ObjectKey]) -> int:
         """How many leading chunks of a request are stored (one batched query)."""

@@ -835,3 +835,23 @@ class FaultyStoreMachine(RuleBasedStateMachine):
 def test_store_state_machine_with_faults() -> None:
     FaultyStoreMachine.TestCase.settings = settings(stateful_step_count=30)
     FaultyStoreMachine.TestCase().runTest()
+
+
+async def test_a_miss_during_an_unfinished_put_forgets_nothing() -> None:
+    """Objects every backend misses are forgotten, but not one whose put is still writing:
+    the read misses (the backend does not have it yet), the forget waits for the salt's
+    lock and then sees the put's change stamp."""
+    flaky = Flaky()
+    flaky.put_gate = asyncio.Event()
+    async with Store([flaky]) as store:
+        put = asyncio.ensure_future(store.put(key(1), b"v1"))
+        await asyncio.sleep(0.01)
+        assert store.lru.contains(key(1))  # admitted, write in flight
+        assert await store.get_into(key(1), bytearray(8)) is None
+        assert await store.exists_many([key(1)]) == [False]
+        await asyncio.sleep(0.01)
+        flaky.put_gate.set()
+        await put
+        await store.wait_idle()
+        assert store.lru.contains(key(1))
+        assert await store.get(key(1)) == b"v1"

@@ -470,3 +470,104 @@ async def test_a_cancelled_put_returns_after_its_write_and_is_accounted() -> Non
         assert await stored(store) == {key(1): 60}
         await store.put(key(2), b"y" * 60)
         assert await stored(store) == {key(2): 60}
+
+
+# -- put_each, listeners, touch, forgetting lost objects (what engine tiers use) ------------
+
+
+async def test_put_each_fails_only_the_refused_items() -> None:
+    store = Store([open_adapter("memory://")], quotas={"alice": 100, "bob": 10})
+    async with store:
+        out = await store.put_each(
+            [(key(1, "alice"), b"a" * 40), (key(2, "bob"), b"b" * 50), (key(3, "alice"), b"c" * 40)]
+        )
+        assert out[0] is None and out[2] is None
+        assert isinstance(out[1], QuotaExceededError)
+        assert await store.get(key(1, "alice")) == b"a" * 40
+        assert await store.get(key(2, "bob")) is None
+        assert store.lru.usage("alice").nbytes == 80 and store.lru.usage("bob").nbytes == 0
+        assert await store.put_each([]) == []
+
+
+async def test_put_each_reports_keys_no_backend_took() -> None:
+    down = FailingAdapter()
+    async with Store([down], rebuild=False) as store:
+        out = await store.put_each([(key(1), b"x"), (key(2), b"y")])
+        assert all(isinstance(e, StorageError) for e in out)
+        assert "no backend accepted" in str(out[0])
+        assert store.lru.total_objects == 0
+        down.down = False
+        assert await store.put_each([(key(1), b"x")]) == [None]
+        assert await store.get(key(1)) == b"x"
+
+
+async def test_listeners_hear_evictions_deletes_and_lost_objects() -> None:
+    backend = open_adapter("memory://")
+    heard: list[tuple[str, list[ObjectKey]]] = []
+    store = Store([backend], quotas={"alice": 20})
+    store.add_listener(lambda event, keys: heard.append((event, list(keys))))
+
+    def broken(event: str, keys: list[ObjectKey]) -> None:
+        raise RuntimeError("a broken listener breaks nothing")
+
+    store.add_listener(broken)
+    async with store:
+        await store.put(key(1), b"a" * 10)
+        await store.put(key(2), b"b" * 10)
+        await store.put(key(3), b"c" * 10)  # evicts key(1)
+        assert heard == [("evicted", [key(1)])]
+        await store.delete(key(2))
+        assert heard[-1] == ("deleted", [key(2)])
+        await store.delete(key(99))  # not stored: nothing to hear
+        assert len(heard) == 2
+        # the backend loses key(3) behind the store's back (a Redis restart)
+        await backend.delete(key(3))
+        assert await store.exists_many([key(3)]) == [False]
+        await store.wait_idle()
+        assert heard[-1] == ("missing", [key(3)])
+        assert not store.lru.contains(key(3))
+
+
+async def test_get_into_forgets_what_every_backend_lost() -> None:
+    backend = open_adapter("memory://")
+    async with Store([backend]) as store:
+        await store.put(key(1), b"data")
+        await backend.delete(key(1))
+        assert await store.get_into(key(1), bytearray(8)) is None
+        await store.wait_idle()
+        assert not store.lru.contains(key(1))
+
+
+async def test_a_backend_that_is_down_forgets_nothing() -> None:
+    flaky = FailingAdapter()
+    flaky.down = False
+    async with Store([flaky]) as store:
+        await store.put(key(1), b"data")
+        flaky.down = True
+        assert await store.get_into(key(1), bytearray(8)) is None
+        assert await store.exists_many([key(1)]) == [False]
+        await store.wait_idle()
+        assert store.lru.contains(key(1))  # unknown, not lost: still accounted
+
+
+async def test_touch_keeps_chunks_from_eviction() -> None:
+    async with Store([open_adapter("memory://")], quotas={"alice": 20}) as store:
+        await store.put(key(1), b"a" * 10)
+        await store.put(key(2), b"b" * 10)
+        store.touch([key(1), key(42)])
+        await store.put(key(3), b"c" * 10)
+        assert await store.exists_many([key(1), key(2), key(3)]) == [True, False, True]
+
+
+async def test_a_backend_that_is_down_logs_a_line_per_interval_not_per_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    down = FailingAdapter()
+    async with Store([down], rebuild=False) as store:
+        with caplog.at_level("WARNING", logger="flexkv_store.store"):
+            for i in range(50):
+                assert await store.get(key(i)) is None
+        lines = [r.getMessage() for r in caplog.records if "get failed" in r.getMessage()]
+        assert len(lines) == 1  # the rest are counted into the next line
+        assert store.metrics is not None
+        assert store.metrics.backend_errors.labels("failing", "get", "storage")._value.get() == 50
