@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import sys
@@ -76,15 +75,6 @@ def _emit_json(data: Any) -> None:
 # -- serve ---------------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -103,7 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = cfg.admin.port if args.port is None else args.port
     # FLEXKV_STORE_ADMIN_TOKEN is already in cfg, below an explicit config file
     token = cfg.admin.token.get_secret_value() if cfg.admin.token else None
-    if not _is_loopback(host) and not token:
+    from flexkv_store.config import is_loopback_host
+
+    if not is_loopback_host(host) and not token:
         raise CliError(
             f"refusing to serve the admin API on non-loopback address {host!r} without a "
             "token: set FLEXKV_STORE_ADMIN_TOKEN (or admin.token in the config)",

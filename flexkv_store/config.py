@@ -16,6 +16,7 @@ redacted in :meth:`StoreConfig.redacted`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -129,6 +130,16 @@ class QuotaConfig(_Section):
                 raise ValueError(f"quota of {salt!r} must be a non-negative int of bytes")
             out[real] = limit
         return out
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether an admin API bound to ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AdminConfig(_Section):

@@ -89,13 +89,16 @@ class QuotaExceededError(FlexKVStoreError):
     Nothing was written and nothing was evicted.
     """
 
-    def __init__(self, cache_salt: str, size: int, limit: int) -> None:
+    def __init__(
+        self, cache_salt: str, size: int, limit: int, *, detail: str | None = None
+    ) -> None:
         self.cache_salt = cache_salt
         self.size = size
         self.limit = limit
         shown = cache_salt or "_default"
         super().__init__(
-            f"cache_salt {shown!r}: object of {size} bytes exceeds the quota of {limit} bytes"
+            f"cache_salt {shown!r}: "
+            + (detail or f"object of {size} bytes exceeds the quota of {limit} bytes")
         )
 
 

@@ -436,19 +436,24 @@ class Store:
         if not batch:
             return 0, refused
         admissions: dict[ObjectKey, Admission] = {}
+        superseded: dict[ObjectKey, Admission] = {}
         doomed: list[Victim] = []
         try:
             for key, view in batch.items():
                 adm = self.lru.admit(key, view.nbytes)
                 for victim in adm.victims:
                     # A key of this batch evicted by a later one is not written at all.
-                    admissions.pop(victim[0], None)
+                    popped = admissions.pop(victim[0], None)
+                    if popped is not None:
+                        superseded[victim[0]] = popped
                     doomed.append(victim)
                 admissions[key] = adm
         except BaseException:
             await self._undo(list(admissions.values()), doomed)
             raise
-        failed = await self._evict(doomed)
+        # A superseded key that was new has nothing stored: its "eviction" is no event.
+        never_stored = {k for k, a in superseded.items() if a.previous_size is None}
+        failed = await self._evict(doomed, unannounced=never_stored)
         if failed:
             # The victims are still stored (the evict put them back in the accounting);
             # writing on top would take the salt over its quota.
@@ -490,8 +495,22 @@ class Store:
                     self._l1.put(key, bytes(view))
         if stuck:
             log.warning("%d stale copies could not be removed; they are not read", stuck)
-        # A key of the batch evicted by a later one of the same batch is neither written
-        # nor lost: its put is over (what it stored was evicted, as any LRU victim is).
+        if each:
+            # put_each reports them: the batch exceeds the quota and these lost to later items.
+            for key in superseded:
+                if key not in admissions:
+                    limit = self.lru.quota(key.cache_salt)
+                    refused[key] = [
+                        QuotaExceededError(
+                            key.cache_salt,
+                            batch[key].nbytes,
+                            limit if limit is not None else 0,
+                            detail="evicted by later items of the same batch (the batch "
+                            "exceeds the quota)",
+                        )
+                    ]
+        # For put_many, a key of the batch evicted by a later one of the same batch is
+        # neither written nor lost: its put is over (evicted, as any LRU victim is).
         return stored, {**refused, **errors}
 
     async def _undo(self, admissions: list[Admission], doomed: list[Victim]) -> None:
@@ -574,7 +593,9 @@ class Store:
         await asyncio.gather(*(one(b, keys) for b, keys in where.items() if keys))
         return stuck
 
-    async def _evict(self, victims: list[Victim]) -> list[StorageError]:
+    async def _evict(
+        self, victims: list[Victim], *, unannounced: set[ObjectKey] | None = None
+    ) -> list[StorageError]:
         """Delete objects the accounting already dropped, from every tier.
 
         A victim some backend failed to delete is still stored: it goes back into the
@@ -594,7 +615,8 @@ class Store:
                 self._suspects.orphans.add(key)
         self._gens.changed(keys)
         self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
-        self._notify("evicted", [k for k in keys if k not in failed])
+        quiet = unannounced or set()
+        self._notify("evicted", [k for k in keys if k not in failed and k not in quiet])
         return errors
 
     def _drop_from_l1(self, keys: Iterable[ObjectKey]) -> None:

@@ -571,3 +571,19 @@ async def test_a_backend_that_is_down_logs_a_line_per_interval_not_per_call(
         assert len(lines) == 1  # the rest are counted into the next line
         assert store.metrics is not None
         assert store.metrics.backend_errors.labels("failing", "get", "storage")._value.get() == 50
+
+
+async def test_put_each_over_quota_batch_reports_the_superseded_items() -> None:
+    """Items evicted by later items of the same batch were never stored: put_each says so,
+    and no "evicted" event is heard for them."""
+    heard: list[tuple[str, list[ObjectKey]]] = []
+    store = Store([open_adapter("memory://")], quotas={"alice": 20})
+    store.add_listener(lambda event, keys: heard.append((event, list(keys))))
+    async with store:
+        await store.put(key(0), b"z" * 10)  # stored before: its eviction is real
+        out = await store.put_each([(key(i), bytes([i]) * 10) for i in range(1, 5)])
+        assert [o is None for o in out] == [False, False, True, True]
+        assert all(isinstance(o, QuotaExceededError) for o in out[:2])
+        assert "same batch" in str(out[0])
+        assert heard == [("evicted", [key(0)])]
+        assert await store.exists_many([key(i) for i in range(5)]) == [False] * 3 + [True] * 2

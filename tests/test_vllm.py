@@ -322,6 +322,60 @@ def test_tier_serves_the_admin_api(tmp_path: Path) -> None:
         t.close()
 
 
+def test_admin_api_problems_are_startup_errors(tmp_path: Path) -> None:
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cfg = {"backend": f"fs://{tmp_path / 'kv'}", "admin": {"host": "127.0.0.1", "port": port}}
+        with pytest.raises(ConfigError, match="cannot listen"):
+            Tiering(offloading_config([tier_entry(config=cfg, serve_admin=True)]))
+    finally:
+        busy.close()
+    cfg = {"backend": f"fs://{tmp_path / 'kv'}", "admin": {"host": "0.0.0.0", "port": 0}}
+    with pytest.raises(ConfigError, match="without a token"):
+        Tiering(offloading_config([tier_entry(config=cfg, serve_admin=True)]))
+
+
+def test_refusals_do_not_put_the_tier_under_backpressure(tmp_path: Path) -> None:
+    """Refused salts and quotas fail nobody else: vLLM counts failed store jobs towards
+    the tier's backpressure, so refusals are not failures."""
+    entry = tier_entry(
+        config={"backend": f"fs://{tmp_path / 'kv'}", "quota": {"quotas": {"tiny": 1}}},
+        backpressure={"backpressure_cls": "EMABackpressureDetector", "failure_threshold": 3},
+    )
+    t = Tiering(offloading_config([entry], num_chunks=32))
+    try:
+        for _ in range(3):
+            t.store(t.request("x/y"), _rows(random_keys(1)))  # a salt our keys refuse
+            t.store(t.request("tiny"), _rows(random_keys(1)))  # over its quota
+        good = _rows(random_keys(2))
+        t.store(t.request("alice"), good)
+        assert len(dict(t.tier.store.lru.iter_lru("alice"))) == 2
+    finally:
+        t.close()
+
+
+def test_a_request_over_its_quota_reports_only_what_stays(tmp_path: Path) -> None:
+    """One job with more chunks than the tenant's quota holds: the later chunks evict the
+    earlier ones of the same job; the STORAGE events name only what is stored."""
+    cfg = {"backend": f"fs://{tmp_path / 'kv'}", "quota": {"quotas": {"alice": 2 * ROW}}}
+    t = Tiering(offloading_config([tier_entry(config=cfg)]))
+    try:
+        rows = _rows(random_keys(4))
+        t.store(t.request("alice"), rows)
+        events = t.storage_events()
+        assert not any(e.removed for e in events)  # nothing stored was removed
+        stored = {k for e in events if not e.removed for k in e.keys}
+        held = {k.chunk_hash for k in dict(t.tier.store.lru.iter_lru("alice"))}
+        assert {get_offload_block_hash(k) for k in stored} == held and len(held) == 2
+    finally:
+        t.close()
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 

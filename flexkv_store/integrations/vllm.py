@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -70,8 +71,8 @@ from vllm.v1.kv_offload.tiering.backpressure import BackpressureDetector
 from vllm.v1.kv_offload.tiering.base import JobId, JobResult, SecondaryTierManager, TransferJob
 
 from flexkv_store._logs import Throttle
-from flexkv_store.config import _merge, load_config, read_config_file
-from flexkv_store.errors import ConfigError, InvalidKeyError
+from flexkv_store.config import _merge, is_loopback_host, load_config, read_config_file
+from flexkv_store.errors import ConfigError, InvalidKeyError, QuotaExceededError
 from flexkv_store.keyformat import ObjectKey, check_cache_salt
 from flexkv_store.store import Store, open_store
 
@@ -241,12 +242,13 @@ class FlexKVStoreTier(SecondaryTierManager):
         self._admin: Any = None
         self._admin_task: asyncio.Task[None] | None = None
 
+        admin_socket = self._bind_admin() if serve_admin else None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"flexkv-store-{tier_type}", daemon=True
+            target=self._run_loop, name=f"flexkv-store-{tier_type}", daemon=True
         )
         self._thread.start()
-        self._on_loop(self._open(serve_admin))
+        self._on_loop(self._open(admin_socket))
         log.info(
             "flexkv-store tier for %s: rows of %d bytes, layout kv_rank(s) %s, backends %s",
             self.model_name,
@@ -257,19 +259,68 @@ class FlexKVStoreTier(SecondaryTierManager):
 
     # -- store loop ------------------------------------------------------------------
 
+    def _run_loop(self) -> None:
+        try:
+            self._loop.run_forever()
+        except BaseException as exc:
+            log.error("flexkv-store tier: the store's event loop died: %r", exc)
+        finally:
+            self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """The loop thread is gone: every job still in flight is reported failed, so vLLM
+        releases its rows instead of waiting for ever. Called on that thread's way out."""
+        with self._inflight_lock:
+            orphans = list(self._inflight)
+            self._inflight.clear()
+        for job_id in orphans:
+            self._finished.append(JobResult(job_id=job_id, success=False))
+
     def _on_loop(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    async def _open(self, serve_admin: bool) -> None:
+    async def _open(self, admin_socket: socket.socket | None) -> None:
         self.store.add_listener(self._store_event)
+        if admin_socket is not None:
+            await self._start_admin(admin_socket)
         try:
             await self.store.open()
         except Exception as exc:  # a backend down at start: calls retry the open
             self._throttle.warn("open", "flexkv-store tier: opening the store failed: %s", exc)
-        if serve_admin:
-            await self._start_admin()
 
-    async def _start_admin(self) -> None:
+    def _bind_admin(self) -> socket.socket:
+        """Check the admin API can be served (at startup, where vLLM shows the error) and
+        bind its socket; ``serve`` then only accepts on it."""
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"serve_admin needs the server extra ({exc.name} missing): "
+                "pip install 'flexkv-store[server]'"
+            ) from None
+        admin = self._store_config.admin
+        if not is_loopback_host(admin.host) and admin.token is None:
+            raise ConfigError(
+                f"serve_admin: refusing to serve the admin API on non-loopback address "
+                f"{admin.host!r} without a token (admin.token or FLEXKV_STORE_ADMIN_TOKEN)"
+            )
+        try:
+            infos = socket.getaddrinfo(admin.host, admin.port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError as exc:
+            raise ConfigError(
+                f"serve_admin: cannot listen on {admin.host}:{admin.port}: {exc.strerror or exc} "
+                "(with several engines, give each its own admin.port)"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def _start_admin(self, sock: socket.socket) -> None:
         import uvicorn
 
         from flexkv_store.quota.api import create_app
@@ -277,14 +328,22 @@ class FlexKVStoreTier(SecondaryTierManager):
         admin = self._store_config.admin
         token = admin.token.get_secret_value() if admin.token else None
         app = create_app(self.store, token=token, title="flexkv-store (vLLM tier)")
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=admin.host, port=admin.port, log_level="warning")
-        )
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._admin = server
-        task = asyncio.get_running_loop().create_task(server.serve())
-        task.add_done_callback(_log_admin_exit)
-        self._admin_task = task
-        log.info("flexkv-store tier: admin API on http://%s:%d", admin.host, admin.port)
+
+        async def serve() -> None:
+            try:
+                await server.serve(sockets=[sock])
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # uvicorn exits the process on some errors
+                log.error("flexkv-store tier: the admin API stopped: %r", exc)
+            finally:
+                sock.close()
+
+        self._admin_task = asyncio.get_running_loop().create_task(serve())
+        host, port = sock.getsockname()[:2]
+        log.info("flexkv-store tier: admin API on http://%s:%d", host, port)
 
     def _store_event(self, event: str, keys: list[ObjectKey]) -> None:
         """Store listener (on the loop): objects that left storage become removal events."""
@@ -404,11 +463,12 @@ class FlexKVStoreTier(SecondaryTierManager):
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         self._drain_probe_results()
-        while self._failed_loads:
-            self._mark_unloadable(self._failed_loads.popleft())
         out: list[JobResult] = []
         while self._finished:
             out.append(self._finished.popleft())
+        # After the results: a failed load's keys are marked before vLLM sees the failure.
+        while self._failed_loads:
+            self._mark_unloadable(self._failed_loads.popleft())
         return out
 
     def has_pending_work(self) -> bool:
@@ -451,9 +511,14 @@ class FlexKVStoreTier(SecondaryTierManager):
         self._on_loop(self._probe(batch))
 
     def drain_jobs(self) -> None:
-        with self._inflight_lock:
-            pending = list(self._inflight.values())
-        concurrent.futures.wait(pending)
+        while True:
+            with self._inflight_lock:
+                pending = list(self._inflight.values())
+            if not pending:
+                return
+            concurrent.futures.wait(pending, timeout=1.0)
+            if not self._thread.is_alive():
+                self._fail_orphans()
 
     def shutdown(self) -> None:
         """Finish the jobs in flight (bounded by ``shutdown_timeout_s``), close the store
@@ -486,6 +551,11 @@ class FlexKVStoreTier(SecondaryTierManager):
     # -- jobs (run on the store loop) ------------------------------------------------
 
     def _submit(self, job_id: JobId, coro: Coroutine[Any, Any, JobResult]) -> None:
+        if self._closed or not self._thread.is_alive():
+            coro.close()
+            self._finished.append(JobResult(job_id=job_id, success=False))
+            return
+
         async def run() -> None:
             try:
                 result = await coro
@@ -509,47 +579,47 @@ class FlexKVStoreTier(SecondaryTierManager):
     async def _store_job(
         self, job_id: JobId, keys: list[OffloadKey], items: list[tuple[OffloadKey, ObjectKey, int]]
     ) -> JobResult:
+        """Write the rows. Only storage failures fail the job: a refusal by policy (a
+        tenant's quota, a salt our keys refuse) is that tenant's outcome, not the tier's
+        health, and vLLM would count it towards backpressure for every tenant."""
         start = time.perf_counter()
-        ok: list[OffloadKey] = []
-        todo: list[tuple[OffloadKey, ObjectKey, int]] = []
-        for item in items:
-            if self.store.lru.contains(item[1]):
-                ok.append(item[0])  # already stored (by us or another replica)
-            else:
-                todo.append(item)
+        todo = [item for item in items if not self.store.lru.contains(item[1])]
         written: list[OffloadKey] = []
+        failed: list[Exception] = []
+        refused: list[Exception] = []
         if todo:
             try:
                 outcomes = await self.store.put_each([(o, self._row(c)) for _, o, c in todo])
             except Exception as exc:
-                self._throttle.warn("store", "flexkv-store tier: store failed: %s", exc)
                 outcomes = [exc] * len(todo)
-            errors: list[Exception] = []
             for (key, _, _), outcome in zip(todo, outcomes, strict=True):
                 if outcome is None:
                     written.append(key)
+                elif isinstance(outcome, QuotaExceededError):
+                    refused.append(outcome)
                 else:
-                    errors.append(outcome)
-            if errors:
-                self._throttle.warn(
-                    "store",
-                    "flexkv-store tier: %d of %d chunk(s) not stored: %s",
-                    len(errors),
-                    len(todo),
-                    errors[0],
-                )
-        ok += written
+                    failed.append(outcome)
+        if failed:
+            self._throttle.warn(
+                "store",
+                "flexkv-store tier: %d of %d chunk(s) not stored: %s",
+                len(failed),
+                len(keys),
+                failed[0],
+            )
+        if refused:
+            self._throttle.warn(
+                "refused", "flexkv-store tier: %d chunk(s) refused: %s", len(refused), refused[0]
+            )
         if written and self._events_on:
             self._events.append(
                 OffloadingEvent(
                     keys=written, medium=Medium.STORAGE, removed=False, locality=self.locality
                 )
             )
-        done = set(ok)
         return JobResult(
             job_id=job_id,
-            success=len(done) == len(keys),
-            successful_keys=None if len(done) == len(keys) else tuple(k for k in keys if k in done),
+            success=not failed,
             transfer_time=time.perf_counter() - start,
             transfer_bytes=len(written) * self._row_bytes,
         )
@@ -595,6 +665,7 @@ class FlexKVStoreTier(SecondaryTierManager):
 
     async def _close(self) -> None:
         if self._admin is not None and self._admin_task is not None:
+            # ``should_exit`` ends serve() after its requests; the task closes the socket.
             self._admin.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._admin_task), timeout=5)
@@ -658,11 +729,6 @@ def _tier_config(
             "or 'backend' (a URL such as 'fs:///var/cache/kv')"
         )
     return _merge(base, store_keys)
-
-
-def _log_admin_exit(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("flexkv-store tier: the admin API stopped: %s", task.exception())
 
 
 class FlexKVStoreConnector(OffloadingConnector):
