@@ -309,14 +309,20 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         return out
 
     reports = asyncio.run(run())
+    acct_report = asyncio.run(_check_accounting(cfg, repair=args.repair))
     problems = sum(len(r.corrupt) + len(r.temp_files) for _, r in reports)
     unrepaired = (
         problems
         if not args.repair
         else sum(len(r.corrupt) + len(r.temp_files) - r.removed for _, r in reports)
     )
+    if acct_report is not None:
+        problems += acct_report["pending"] + acct_report["unaccounted"]
     if args.json:
-        _emit_json([{"backend": name, **vars(r)} for name, r in reports])
+        out: list[dict[str, Any]] = [{"backend": name, **vars(r)} for name, r in reports]
+        if acct_report is not None:
+            out.append({"accounting": acct_report})
+        _emit_json(out)
     else:
         con = _console()
         for name, r in reports:
@@ -330,6 +336,52 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 con.print(f"  [dim]not ours (left alone): {path}[/dim]")
             if args.repair:
                 con.print(f"  removed {r.removed}")
+        if acct_report is not None:
+            con.print(
+                f"accounting {acct_report['where']}: {acct_report['accounted']} objects "
+                f"accounted, {acct_report['pending']} admission(s) pending, "
+                f"{acct_report['unaccounted']} stored object(s) not accounted, "
+                f"{acct_report['missing']} accounted but not found"
+                + (f"; reconciled: {acct_report['committed']} committed, "
+                   f"{acct_report['forgotten']} forgotten" if args.repair else "")
+            )  # fmt: skip
         if problems and not args.repair:
-            con.print("run again with --repair to remove them")
+            con.print("run again with --repair to remove them (and reconcile the accounting)")
     return EXIT_FAILED if unrepaired > 0 else EXIT_OK
+
+
+async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
+    """A shared accounting against what the backends hold (a local one has nothing to
+    check: it lives in each process). ``repair`` settles pending admissions that are old
+    or whose process is gone, and accounts stored objects it misses; it deletes nothing."""
+    from flexkv_store.backends import open_adapter
+    from flexkv_store.store import Store, accounting_for
+
+    acct = accounting_for(cfg)
+    if not acct.shared:
+        return None
+    await acct.open()
+    try:
+        present: dict[Any, int] = {}
+        for acfg in cfg.adapters:
+            async with open_adapter(acfg) as adapter:
+                if adapter.capabilities.listing:
+                    async for info in adapter.scan():
+                        present.setdefault(info.key, info.size)
+        accounted = dict(await acct.lru_order())
+        pending = await acct.pending()
+        report: dict[str, Any] = {
+            "where": acct.describe(),
+            "accounted": len(accounted),
+            "pending": len(pending),
+            "unaccounted": sum(1 for key in present if key not in accounted),
+            "missing": sum(1 for key in accounted if key not in present),
+        }
+        if repair:
+            committed, forgotten = await acct.reconcile(present, older_than=Store.reconcile_after)
+            report |= {"committed": committed, "forgotten": forgotten}
+            report["pending"] = len(await acct.pending())
+            report["unaccounted"] = 0
+        return report
+    finally:
+        await acct.close()

@@ -117,7 +117,27 @@ class QuotaConfig(_Section):
     quotas: dict[str, int] = Field(default_factory=dict)
     #: Where set quotas persist: a JSON file path. Default: next to the first fs backend's
     #: data, else ``./flexkv-quota.json``; a Redis hash when the first backend is Redis.
+    #: (The local accounting only: a shared one keeps quotas itself.)
     state_path: str | None = None
+    #: Where usage, LRU order and quotas live: ``local`` (this process), ``sqlite`` (one
+    #: database shared by the processes of a node, next to the first fs backend's data) or
+    #: ``sqlite:///path/to/db``.
+    accounting: str = "local"
+    #: A shared accounting applies hits' LRU updates in batches, this often (ms).
+    touch_interval_ms: int = Field(default=100, ge=1, le=60_000)
+    #: Settle a shared accounting against the backends' listing at start (as ``fsck``
+    #: does); otherwise it is rebuilt from a scan only when it is empty.
+    reconcile: bool = False
+
+    @field_validator("accounting")
+    @classmethod
+    def _accounting(cls, v: str) -> str:
+        if v in ("local", "sqlite") or (v.startswith("sqlite:///") and len(v) > len("sqlite:///")):
+            return v
+        raise ValueError(
+            "must be 'local', 'sqlite' or 'sqlite:///path' (one SQLite database for the "
+            f"processes of a node); got {v!r}"
+        )
 
     @field_validator("quotas")
     @classmethod

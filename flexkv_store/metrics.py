@@ -2,8 +2,8 @@
 
 Each :class:`StoreMetrics` has its own :class:`prometheus_client.CollectorRegistry`, so
 several stores in one process (tests, an engine with two models) never collide. Usage,
-quota and eviction gauges are read from the quota accounting at scrape time rather than
-updated on every operation.
+quota and eviction gauges are read from the accounting's snapshot at scrape time rather
+than updated on every operation (a shared accounting's as of its last refresh).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from flexkv_store.quota import UserLRU
+    from flexkv_store.quota import Snapshot
 
 __all__ = ["CONTENT_TYPE", "StoreMetrics"]
 
@@ -34,8 +34,8 @@ def _salt_label(salt: str) -> str:
 class _QuotaCollector(Collector):
     """Per-salt usage, quota and eviction figures, read from the accounting when scraped."""
 
-    def __init__(self, lru: Callable[[], UserLRU | None]) -> None:
-        self._lru = lru
+    def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
         usage = GaugeMetricFamily(
@@ -59,19 +59,16 @@ class _QuotaCollector(Collector):
             "Payload bytes evicted per cache salt",
             labels=["cache_salt"],
         )
-        lru = self._lru()
-        if lru is not None:
-            for salt in lru.salts():
-                label = [_salt_label(salt)]
-                used = lru.usage(salt)
-                usage.add_metric(label, used.nbytes)
-                objects.add_metric(label, used.objects)
-                limit = lru.quota(salt)
-                if limit is not None:
-                    quota.add_metric(label, limit)
-                ev = lru.evictions(salt)
-                evictions.add_metric(label, ev.objects)
-                evicted_bytes.add_metric(label, ev.nbytes)
+        snap = self._snapshot()
+        if snap is not None:
+            for report in snap.salts:
+                label = [_salt_label(report.salt)]
+                usage.add_metric(label, report.used.nbytes)
+                objects.add_metric(label, report.used.objects)
+                if report.limit is not None:
+                    quota.add_metric(label, report.limit)
+                evictions.add_metric(label, report.evicted.objects)
+                evicted_bytes.add_metric(label, report.evicted.nbytes)
         yield from (usage, objects, quota, evictions, evicted_bytes)
 
 
@@ -99,7 +96,7 @@ class StoreMetrics:
 
     def __init__(
         self,
-        lru: Callable[[], UserLRU | None] | None = None,
+        snapshot: Callable[[], Snapshot | None] | None = None,
         backends: Callable[[], list[tuple[str, object]]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -135,8 +132,8 @@ class StoreMetrics:
             ["cache_salt"],
             registry=r,
         )
-        if lru is not None:
-            r.register(_QuotaCollector(lru))
+        if snapshot is not None:
+            r.register(_QuotaCollector(snapshot))
         if backends is not None:
             r.register(_CorruptCollector(backends))
 

@@ -36,6 +36,7 @@ from flexkv_store.config import StoreConfig, load_config
 from flexkv_store.errors import (
     BackendUnavailableError,
     BufferTooSmallError,
+    ConfigError,
     InvalidKeyError,
     QuotaExceededError,
     StorageError,
@@ -44,8 +45,10 @@ from flexkv_store.errors import (
 from flexkv_store.keyformat import ObjectKey, as_bytes_view
 from flexkv_store.metrics import StoreMetrics
 from flexkv_store.quota import (
+    Accounting,
     Admission,
     JsonQuotaState,
+    LocalAccounting,
     QuotaManager,
     QuotaState,
     UserLRU,
@@ -109,6 +112,9 @@ class Store:
 
     #: Seconds between background retries of the deletes that suspect copies need.
     repair_interval: float = 1.0
+    #: Age (seconds) after which a shared accounting's uncommitted admission is settled
+    #: against a scan: its writer finished or died long ago.
+    reconcile_after: float = 60.0
 
     def __init__(
         self,
@@ -116,22 +122,33 @@ class Store:
         *,
         l1_capacity_bytes: int = 0,
         lru: UserLRU | None = None,
+        accounting: Accounting | None = None,
         quotas: dict[str, int] | None = None,
         quota_state: QuotaState | None = None,
         metrics: bool = True,
         rebuild: bool = True,
+        reconcile: bool = False,
     ) -> None:
         if not backends:
             raise ValueError("a store needs at least one L2 backend")
         self.backends = list(backends)
         self._labels = _backend_labels(self.backends)
         self._l1 = _L1(l1_capacity_bytes) if l1_capacity_bytes > 0 else None
-        self.lru = lru if lru is not None else UserLRU()
+        if accounting is not None and lru is not None:
+            raise ValueError("give a store either an accounting or a UserLRU, not both")
+        #: Where usage, LRU order and quotas live (local, or shared between processes).
+        self.accounting: Accounting = (
+            accounting
+            if accounting is not None
+            else LocalAccounting(lru if lru is not None else UserLRU())
+        )
         self._initial_quotas = dict(quotas or {})
         self._rebuild = rebuild
+        self._reconcile = reconcile
         self.metrics = (
             StoreMetrics(
-                lambda: self.lru, lambda: list(zip(self._labels, self.backends, strict=True))
+                self.accounting.snapshot,
+                lambda: list(zip(self._labels, self.backends, strict=True)),
             )
             if metrics
             else None
@@ -142,7 +159,7 @@ class Store:
         self._last_repair = 0.0
         self._repair_task: asyncio.Task[None] | None = None
         self.quota = QuotaManager(
-            self.lru, evict=self._evict, lock=self._locks.exclusive, state=quota_state
+            self.accounting, evict=self._evict, lock=self._locks.exclusive, state=quota_state
         )
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
@@ -157,6 +174,15 @@ class Store:
         self._listeners: list[Callable[[str, list[ObjectKey]], None]] = []
         self._warn = Throttle(log)
         self.started_at = time.time()
+
+    @property
+    def lru(self) -> UserLRU:
+        """The in-memory :class:`UserLRU` of a store with ``local`` accounting."""
+        if isinstance(self.accounting, LocalAccounting):
+            return self.accounting.lru
+        raise TypeError(
+            f"this store's accounting is {self.accounting.kind} (shared): use store.accounting"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -177,8 +203,11 @@ class Store:
                 return self
             if self._closed:
                 raise StoreClosedError("this store is closed")
+            await self.accounting.open()
             victims = await self.quota.load(self._initial_quotas)
-            if self._rebuild:
+            if self._rebuild and (
+                not self.accounting.shared or self._reconcile or await self.accounting.is_empty()
+            ):
                 victims += await self._rebuild_accounting()
             await settle(self._evict(victims))
             self._opened = True
@@ -195,11 +224,18 @@ class Store:
             except StorageError as exc:
                 self._backend_failed(label, "scan", exc)
         # Oldest first, so the least recently written objects are evicted first.
-        for info in sorted(found.values(), key=lambda i: i.last_modified):
-            self.lru.record(info.key, info.size)
-        victims = self.lru.enforce()
+        ordered = sorted(found.values(), key=lambda i: i.last_modified)
+        if self.accounting.shared:
+            # Other processes may be writing: settle only admissions old enough that their
+            # writer is done or dead, and never forget an object that exists.
+            await self.accounting.reconcile(
+                {i.key: i.size for i in ordered}, older_than=self.reconcile_after
+            )
+        else:
+            await self.accounting.record([(i.key, i.size) for i in ordered])
+        victims = await self.accounting.enforce()
         if found:
-            log.info("rebuilt accounting: %d objects, %d bytes", len(found), self.lru.total_bytes)
+            log.info("rebuilt accounting from a scan: %d objects", len(found))
         return victims
 
     async def close(self) -> None:
@@ -225,6 +261,10 @@ class Store:
         waits += list(self._tasks)
         if waits:
             await asyncio.shield(asyncio.gather(*waits, return_exceptions=True))
+        try:
+            await self.accounting.close()
+        except Exception as exc:
+            log.warning("closing the accounting failed: %s", exc)
         for backend in self.backends:
             try:
                 await backend.aclose()
@@ -326,7 +366,7 @@ class Store:
 
     def _write_lock(self, salts: Iterable[str]) -> contextlib.AbstractAsyncContextManager[None]:
         # With a global capacity any put may evict any salt's objects: one writer at a time.
-        if self.lru.capacity is not None:
+        if self.accounting.capacity is not None:
             return self._locks.exclusive()
         return self._locks.salts(salts)
 
@@ -422,46 +462,33 @@ class Store:
         self, batch: dict[ObjectKey, memoryview], *, each: bool
     ) -> tuple[int, dict[ObjectKey, list[Exception]]]:
         """Admit, evict, write and account ``batch``: the bytes stored and, per key stored
-        nowhere, its errors. With ``each``, keys that no longer fit are refused alone."""
-        refused: dict[ObjectKey, list[Exception]] = {}
-        # Again under the lock: a quota may have been lowered while we waited.
-        for key, view in list(batch.items()):
-            try:
-                self._check_fits(key, view.nbytes)
-            except QuotaExceededError as exc:
-                if not each:
-                    raise
-                refused[key] = [exc]
-                del batch[key]
-        if not batch:
-            return 0, refused
-        admissions: dict[ObjectKey, Admission] = {}
-        superseded: dict[ObjectKey, Admission] = {}
-        doomed: list[Victim] = []
+        nowhere, its errors. With ``each``, keys that do not fit are refused alone."""
+        acct = self.accounting
+        # Under the lock again (a quota may have been lowered meanwhile), and atomically
+        # for every process sharing the accounting.
         try:
-            for key, view in batch.items():
-                adm = self.lru.admit(key, view.nbytes)
-                for victim in adm.victims:
-                    # A key of this batch evicted by a later one is not written at all.
-                    popped = admissions.pop(victim[0], None)
-                    if popped is not None:
-                        superseded[victim[0]] = popped
-                    doomed.append(victim)
-                admissions[key] = adm
-        except BaseException:
-            await self._undo(list(admissions.values()), doomed)
+            admitted = await acct.admit([(k, v.nbytes) for k, v in batch.items()], each=each)
+        except QuotaExceededError as exc:
+            self._count_refusal(exc)
             raise
+        refused: dict[ObjectKey, list[Exception]] = {}
+        for key, why in admitted.refused.items():
+            self._count_refusal(why)
+            refused[key] = [why]
+        admissions = admitted.admissions
+        if not admissions:
+            await self._evict(admitted.victims, unannounced=admitted.never_stored)
+            return 0, refused
         # A superseded key that was new has nothing stored: its "eviction" is no event.
-        never_stored = {k for k, a in superseded.items() if a.previous_size is None}
-        failed = await self._evict(doomed, unannounced=never_stored)
+        failed = await self._evict(admitted.victims, unannounced=admitted.never_stored)
         if failed:
             # The victims are still stored (the evict put them back in the accounting);
             # writing on top would take the salt over its quota.
-            await self._undo(list(admissions.values()), [])
+            await self._undo(admissions, [])
             raise StorageError(
                 f"could not evict {len(failed)} object(s) to make room; nothing was written"
             ) from _group("evict", failed)
-        to_write = [(k, batch[k]) for k in admissions]
+        to_write = [(a.key, batch[a.key]) for a in admissions]
         keys = [k for k, _ in to_write]
         self._gens.changed(keys)
         outcomes = await self._write_all(to_write)
@@ -478,11 +505,18 @@ class Store:
         # A backend that failed a write may still hold the previous value (or, after a
         # timeout, the new one): remove it there, or keep it from being read.
         stuck = await self._delete_copies(cleanup, "put cleanup")
-        for key in lost:
-            if any(self._suspects.at(b, key) for b in range(len(self.backends))):
-                self._suspects.orphans.add(key)  # a copy may exist: keep it accounted
+        keep: list[Admission] = []
+        drop: list[Admission] = []
+        for adm in admissions:
+            if adm.key not in errors:
+                keep.append(adm)
+            elif any(self._suspects.at(b, adm.key) for b in range(len(self.backends))):
+                self._suspects.orphans.add(adm.key)  # a copy may exist: keep it accounted
+                keep.append(adm)
             else:
-                self.lru.remove(key)  # its previous value was removed with it
+                drop.append(adm)  # its previous value was removed with it
+        await acct.abandon(drop)
+        await acct.commit(keep)
         self._gens.changed(keys)
         stored = 0
         for key, view in to_write:
@@ -495,41 +529,32 @@ class Store:
                     self._l1.put(key, bytes(view))
         if stuck:
             log.warning("%d stale copies could not be removed; they are not read", stuck)
-        if each:
-            # put_each reports them: the batch exceeds the quota and these lost to later items.
-            for key in superseded:
-                if key not in admissions:
-                    limit = self.lru.quota(key.cache_salt)
-                    refused[key] = [
-                        QuotaExceededError(
-                            key.cache_salt,
-                            batch[key].nbytes,
-                            limit if limit is not None else 0,
-                            detail="evicted by later items of the same batch (the batch "
-                            "exceeds the quota)",
-                        )
-                    ]
         # For put_many, a key of the batch evicted by a later one of the same batch is
-        # neither written nor lost: its put is over (evicted, as any LRU victim is).
+        # neither written nor lost: its put is over (evicted, as any LRU victim is);
+        # put_each reports it (admitted.refused).
         return stored, {**refused, **errors}
+
+    def _count_refusal(self, exc: QuotaExceededError) -> None:
+        if self.metrics is not None:
+            self.metrics.quota_refusals.labels(exc.cache_salt or "_default").inc()
 
     async def _undo(self, admissions: list[Admission], doomed: list[Victim]) -> None:
         """Roll admissions back before anything was written; delete what they evicted."""
-        undone: list[Victim] = []
-        for adm in reversed(admissions):
-            undone += self.lru.rollback(adm)
+        undone = await self.accounting.rollback(admissions)
         await self._evict(undone + doomed)
 
     def _check_fits(self, key: ObjectKey, size: int) -> None:
-        """Refuse before any accounting changes, so a batch is all or nothing."""
-        limit = self.lru.quota(key.cache_salt)
-        cap = self.lru.capacity
+        """Refuse before waiting for the lock when the accounting can tell without I/O
+        (admission checks again, atomically)."""
+        if not isinstance(self.accounting, LocalAccounting):
+            return
+        limit, cap = self.accounting.quick_limits(key.cache_salt)
         for bound in (limit, cap):
             # A zero limit admits nothing, not even an empty object (allowlist mode).
             if bound is not None and (size > bound or bound == 0):
-                if self.metrics is not None:
-                    self.metrics.quota_refusals.labels(key.cache_salt or "_default").inc()
-                raise QuotaExceededError(key.cache_salt, size, bound)
+                exc = QuotaExceededError(key.cache_salt, size, bound)
+                self._count_refusal(exc)
+                raise exc
 
     async def _write_all(
         self, items: list[tuple[ObjectKey, memoryview]]
@@ -586,9 +611,9 @@ class Store:
                     self._suspects.add(b, key)
                 stuck += len(keys)
                 return
-            for key in keys:
-                if self._suspects.removed(b, key):
-                    self.lru.remove(key)  # its last suspect copy is gone
+            gone = [key for key in keys if self._suspects.removed(b, key)]
+            if gone:
+                await self.accounting.remove(gone)  # their last suspect copies are gone
 
         await asyncio.gather(*(one(b, keys) for b, keys in where.items() if keys))
         return stuck
@@ -609,10 +634,10 @@ class Store:
         self._drop_from_l1(keys)
         _, errors, failed = await self._delete_everywhere(keys, "evict")
         self._drop_from_l1(keys)  # a read may have promoted one meanwhile
-        for key, size in victims:
-            if key in failed:
-                self.lru.record(key, size)
-                self._suspects.orphans.add(key)
+        still = [(key, size) for key, size in victims if key in failed]
+        if still:
+            await self.accounting.restore(still)
+            self._suspects.orphans.update(k for k, _ in still)
         self._gens.changed(keys)
         self._count("store", "evict", "ok", sum(n for k, n in victims if k not in failed))
         quiet = unannounced or set()
@@ -680,11 +705,9 @@ class Store:
         return found
 
     async def _delete_locked(self, keys: list[ObjectKey]) -> tuple[list[bool], list[StorageError]]:
-        found = [False] * len(keys)
         self._gens.changed(keys)
+        found = await self.accounting.contains(keys)
         for i, k in enumerate(keys):
-            if self.lru.contains(k):
-                found[i] = True
             if self._l1 is not None and self._l1.pop(k):
                 found[i] = True
         held, errors, failed = await self._delete_everywhere(keys, "delete")
@@ -695,7 +718,7 @@ class Store:
                 self._suspects.orphans.add(k)  # still accounted while a copy may exist
             else:
                 self._suspects.orphans.discard(k)
-                self.lru.remove(k)
+        await self.accounting.remove([k for k in keys if k not in failed])
         self._gens.changed(keys)
         self._notify(
             "deleted", [k for k, f in zip(keys, found, strict=True) if f and k not in failed]
@@ -778,7 +801,7 @@ class Store:
     # -- reads -------------------------------------------------------------------------
 
     def _hit(self, key: ObjectKey) -> None:
-        self.lru.touch(key)
+        self.accounting.touch((key,))
 
     def touch(self, keys: Iterable[ObjectKey]) -> None:
         """Mark ``keys`` recently used, as a hit would (no I/O; on the store's loop).
@@ -786,8 +809,7 @@ class Store:
         For hits an engine served from its own caches: they keep the chunks from being
         the first evicted. Keys the store does not track are ignored.
         """
-        for key in keys:
-            self.lru.touch(key)
+        self.accounting.touch(keys)
 
     async def get(self, key: ObjectKey) -> bytes | None:
         """The chunk stored under ``key``, or ``None`` (a miss, or every backend down)."""
@@ -865,8 +887,8 @@ class Store:
                 continue
             if self._l1 is not None:
                 self._l1.put(key, data)
-            if b > 0 and self.lru.contains(key):
-                later.append((key, data, b))
+            if b > 0 and self.accounting.known(key) is not False:
+                later.append((key, data, b))  # checked again under the lock
         if not later:
             return
         # In the background: the read has its data and must not wait for a write lock (or
@@ -894,8 +916,9 @@ class Store:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _promote_locked(self, items: list[tuple[ObjectKey, bytes, int]], stamp: int) -> None:
-        for key, data, b in items:
-            if not self._gens.unchanged(key, stamp) or not self.lru.contains(key):
+        tracked = await self.accounting.contains([k for k, _, _ in items])
+        for (key, data, b), ok in zip(items, tracked, strict=True):
+            if not ok or not self._gens.unchanged(key, stamp):
                 continue
             for e, (backend, label) in enumerate(
                 zip(self.backends[:b], self._labels[:b], strict=True)
@@ -955,7 +978,7 @@ class Store:
                 await self._promote([(key, bytes(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
-        if answered == len(self.backends) and self.lru.contains(key):
+        if answered == len(self.backends) and self.accounting.known(key) is not False:
             self._gens.hold(stamp)
             self._background(self._forget_later([key], stamp))
         return None
@@ -969,15 +992,13 @@ class Store:
         """
         try:
             async with self._write_lock(k.cache_salt for k in keys):
+                tracked = await self.accounting.contains(keys)
                 gone = [
                     k
-                    for k in keys
-                    if self._gens.unchanged(k, stamp)
-                    and self.lru.contains(k)
-                    and k not in self._suspects.orphans
+                    for k, ok in zip(keys, tracked, strict=True)
+                    if ok and self._gens.unchanged(k, stamp) and k not in self._suspects.orphans
                 ]
-                for k in gone:
-                    self.lru.remove(k)
+                await self.accounting.remove(gone)
                 if gone:
                     log.info("forgot %d object(s) that no backend holds any more", len(gone))
                     self._notify("missing", gone)
@@ -1034,7 +1055,7 @@ class Store:
         lost = [
             k
             for k, n in zip(keys, answered, strict=True)
-            if n == len(self.backends) and self.lru.contains(k)
+            if n == len(self.backends) and self.accounting.known(k) is not False
         ]
         if lost:
             self._gens.hold(stamp)
@@ -1126,13 +1147,27 @@ class Store:
                 "used_bytes": self._l1.used,
                 "objects": len(self._l1),
             },
-            "total_bytes": self.lru.total_bytes,
-            "total_objects": self.lru.total_objects,
-            "capacity_bytes": self.lru.capacity,
-            "default_quota_bytes": self.lru.default_quota,
+            **self._totals(),
             "suspect_copies": len(self._suspects),
             "quota_state": None if self.quota.state is None else self.quota.state.describe(),
         }
+
+    def _totals(self) -> dict[str, Any]:
+        snap = self.accounting.snapshot()
+        return {
+            "total_bytes": None if snap is None else snap.total.nbytes,
+            "total_objects": None if snap is None else snap.total.objects,
+            "capacity_bytes": self.accounting.capacity,
+            "default_quota_bytes": self.accounting.default_quota,
+            "accounting": self.accounting.describe(),
+        }
+
+    async def refresh(self) -> None:
+        """Read a shared accounting's figures for :meth:`info` and the metrics (a no-op
+        for the local accounting, whose figures are always current)."""
+        async with self._call():
+            if self.accounting.shared:
+                await self.accounting.report()
 
     def blocking(self) -> BlockingStore:
         """A facade with the same methods as plain calls, for engines calling from threads.
@@ -1353,12 +1388,39 @@ def open_store(config: str | Path | dict[str, Any] | StoreConfig | None = None) 
     """
     cfg = load_config(config)
     backends = [open_adapter(a) for a in cfg.adapters]
-    lru = UserLRU(default_quota=cfg.quota.default_quota_bytes, capacity=cfg.quota.capacity_bytes)
     return Store(
         backends,
         l1_capacity_bytes=cfg.l1.capacity_bytes,
-        lru=lru,
+        accounting=accounting_for(cfg),
         quotas=cfg.quota.quotas,
         quota_state=default_quota_state(cfg, backends),
         metrics=cfg.metrics.enabled,
+        reconcile=cfg.quota.reconcile,
+    )
+
+
+def accounting_for(config: StoreConfig) -> Accounting:
+    """The accounting ``quota.accounting`` names (not opened yet)."""
+    q = config.quota
+    if q.accounting == "local":
+        return LocalAccounting(
+            UserLRU(default_quota=q.default_quota_bytes, capacity=q.capacity_bytes)
+        )
+    from flexkv_store.quota._sqlite import SqliteAccounting
+
+    if q.accounting.startswith("sqlite:///"):
+        path = Path(q.accounting[len("sqlite://") :])
+    else:
+        fs = next((a for a in config.adapters if isinstance(a, FsConfig)), None)
+        if fs is None:
+            raise ConfigError(
+                "quota.accounting 'sqlite' puts its database next to the first fs backend's "
+                "data, and this store has none: give a path ('sqlite:///var/lib/flexkv/acct.db')"
+            )
+        path = Path(fs.paths[0]) / "flexkv-accounting.sqlite"
+    return SqliteAccounting(
+        path,
+        default_quota=q.default_quota_bytes,
+        capacity=q.capacity_bytes,
+        touch_interval=q.touch_interval_ms / 1000,
     )

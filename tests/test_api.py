@@ -133,6 +133,7 @@ def test_quota_lifecycle(client: httpx.Client, server: Server, prefix: str) -> N
         "current_usage_bytes": 300,
         "objects": 2,
         "exists": True,
+        "source": "runtime",
     }
     listing = client.get(f"{prefix}/quota").json()
     assert listing == {

@@ -146,7 +146,10 @@ def test_environment_and_precedence(tmp_path: Path) -> None:
     [
         ({"quota": {"default_quota_bytes": -1}}, "quota.default_quota_bytes"),
         ({"quota": {"quotas": {"a@b": 1}}}, "cache_salt"),
-        ({"quota": {"bogus": 1}}, "unknown key 'quota.bogus'; valid keys: capacity_bytes"),
+        (
+            {"quota": {"bogus": 1}},
+            "unknown key 'quota.bogus'; valid keys: accounting, capacity_bytes",
+        ),
         ({"l1": {"capacity_gb": "lots"}}, "capacity_gb"),
         ({"quota": {"capacity_gb": 1, "capacity_bytes": 2}}, "not both"),
         ({"backend": "memory://", "backends": ["memory://"]}, "exactly one"),

@@ -430,7 +430,7 @@ class FlexKVStoreTier(SecondaryTierManager):
                 return LookupResult.RETRY
             return LookupResult.HIT if probe.result else LookupResult.MISS
         # (an answer given to earlier requests is not reused by a new one: it may be stale)
-        if okey not in self._unloadable and self.store.lru.contains(okey):
+        if okey not in self._unloadable and self.store.accounting.known(okey):
             return LookupResult.HIT
         if not self._check_misses:
             return LookupResult.MISS
@@ -583,7 +583,7 @@ class FlexKVStoreTier(SecondaryTierManager):
         tenant's quota, a salt our keys refuse) is that tenant's outcome, not the tier's
         health, and vLLM would count it towards backpressure for every tenant."""
         start = time.perf_counter()
-        todo = [item for item in items if not self.store.lru.contains(item[1])]
+        todo = [item for item in items if not self.store.accounting.known(item[1])]
         written: list[OffloadKey] = []
         failed: list[Exception] = []
         refused: list[Exception] = []

@@ -6,6 +6,8 @@ See DESIGN section 4 and ``docs/quotas.md``. The admin HTTP API lives in
 
 from __future__ import annotations
 
+from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
+from flexkv_store.quota._local import LocalAccounting
 from flexkv_store.quota._manager import JsonQuotaState, QuotaInfo, QuotaManager, QuotaState
 from flexkv_store.quota._userlru import (
     Admission,
@@ -17,11 +19,17 @@ from flexkv_store.quota._userlru import (
 )
 
 __all__ = [
+    "Accounting",
     "Admission",
+    "Admitted",
     "JsonQuotaState",
+    "LocalAccounting",
     "QuotaInfo",
     "QuotaManager",
+    "QuotaSource",
     "QuotaState",
+    "SaltReport",
+    "Snapshot",
     "Tally",
     "UserLRU",
     "Victim",

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 from flexkv_store._aio import settle
 from flexkv_store.errors import StorageError
 from flexkv_store.keyformat import check_cache_salt
-from flexkv_store.quota._userlru import Tally, UserLRU, Victim, load_quotas, save_quotas
+from flexkv_store.quota._accounting import Accounting, QuotaSource
+from flexkv_store.quota._local import LocalAccounting
+from flexkv_store.quota._userlru import Tally, Victim, load_quotas, save_quotas
 
 __all__ = ["JsonQuotaState", "QuotaInfo", "QuotaManager", "QuotaState"]
 
@@ -72,6 +74,8 @@ class QuotaInfo:
     current_usage_bytes: int
     objects: int
     exists: bool
+    #: Where the limit comes from: ``runtime`` (set through the API), ``config``, ``default``.
+    source: QuotaSource = "default"
 
     @property
     def limit_gb(self) -> float | None:
@@ -91,6 +95,7 @@ class QuotaInfo:
             "current_usage_bytes": self.current_usage_bytes,
             "objects": self.objects,
             "exists": self.exists,
+            "source": self.source,
         }
 
 
@@ -104,31 +109,35 @@ class QuotaManager:
 
     ``evict`` deletes victims from every tier; ``lock`` is the store's write lock, held
     while accounting changes and victims are deleted so that no put of the same salt
-    interleaves.
+    interleaves. With the local accounting, run-time quotas persist through ``state``; a
+    shared accounting keeps them itself (every process sees a change at once).
     """
 
     def __init__(
         self,
-        lru: UserLRU,
+        accounting: Accounting,
         *,
         evict: Callable[[list[Victim]], Awaitable[Sequence[BaseException]]],
         lock: Callable[[], Any],
         state: QuotaState | None = None,
     ) -> None:
-        self.lru = lru
-        self.state = state
+        self.accounting = accounting
+        self.state = state if isinstance(accounting, LocalAccounting) else None
         self._evict = evict
         self._lock = lock
 
     async def load(self, initial: Mapping[str, int]) -> list[Victim]:
-        """Apply ``initial`` (config) quotas, overridden by the persisted ones."""
-        saved = await self.state.load() if self.state is not None else {}
-        merged = {**initial, **saved}
-        return self.lru.replace_quotas(merged)
+        """Apply the config's quotas; the run-time ones (persisted) override them."""
+        victims = await self.accounting.apply_config(initial)
+        acct = self.accounting
+        if isinstance(acct, LocalAccounting) and self.state is not None:
+            victims += acct.load_runtime(await self.state.load())
+        return victims
 
     async def _persist(self) -> None:
-        if self.state is not None:
-            await self.state.save(self.lru.quotas())
+        acct = self.accounting
+        if self.state is not None and isinstance(acct, LocalAccounting):
+            await self.state.save(acct.runtime_quotas())
 
     async def _carry_out(self, victims: list[Victim]) -> Tally:
         """Delete the victims a change chose; what was evicted.
@@ -138,7 +147,8 @@ class QuotaManager:
         stored and counted: then a ``StorageError`` says so (the change itself applies).
         """
         errors = await settle(self._evict(victims))
-        done = [v for v in victims if not self.lru.contains(v[0])]
+        still = await self.accounting.contains([k for k, _ in victims]) if victims else []
+        done = [v for v, kept in zip(victims, still, strict=True) if not kept]
         if errors:
             raise StorageError(
                 f"the change applies, but {len(victims) - len(done)} object(s) could not be "
@@ -147,10 +157,10 @@ class QuotaManager:
         return Tally(sum(n for _, n in done), len(done))
 
     async def set_quota(self, salt: str, limit_bytes: int) -> Tally:
-        """Set ``salt``'s quota; returns what it evicted (bytes, objects)."""
+        """Set ``salt``'s run-time quota; returns what it evicted (bytes, objects)."""
         salt = api_salt(salt)
         async with self._lock():
-            victims = self.lru.set_quota(salt, limit_bytes)
+            victims = await self.accounting.set_quota(salt, limit_bytes)
             try:
                 await self._persist()
             finally:
@@ -158,14 +168,16 @@ class QuotaManager:
         return tally
 
     def get_quota(self, salt: str) -> int | None:
-        """``salt``'s explicit quota in bytes, or ``None``."""
-        return self.lru.get_quota(api_salt(salt))
+        """``salt``'s own quota in bytes (run-time or config), or ``None``."""
+        report = self.accounting.peek(api_salt(salt))
+        return None if report is None or report.source == "default" else report.limit
 
     async def delete_quota(self, salt: str) -> bool:
-        """Remove ``salt``'s quota (it falls back to the default); whether one was set."""
+        """Remove ``salt``'s run-time quota (it falls back to its config quota, else the
+        default); whether one was set."""
         salt = api_salt(salt)
         async with self._lock():
-            existed, victims = self.lru.delete_quota(salt)
+            existed, victims = await self.accounting.delete_quota(salt)
             try:
                 if existed:
                     await self._persist()
@@ -176,22 +188,28 @@ class QuotaManager:
     async def set_default_quota(self, limit_bytes: int | None) -> Tally:
         """Change the default quota (None = unlimited, 0 = allowlist); evicts at once."""
         async with self._lock():
-            victims = self.lru.set_default_quota(limit_bytes)
+            victims = await self.accounting.set_default_quota(limit_bytes)
             return await self._carry_out(victims)
 
     async def set_capacity(self, limit_bytes: int | None) -> Tally:
         """Change the global capacity; evicts in global LRU order at once."""
         async with self._lock():
-            victims = self.lru.set_capacity(limit_bytes)
+            victims = await self.accounting.set_capacity(limit_bytes)
             return await self._carry_out(victims)
 
     def info(self, salt: str) -> QuotaInfo:
-        """Quota and usage of one salt."""
+        """Quota and usage of one salt (a shared accounting: as of the last refresh)."""
         salt = api_salt(salt)
-        used = self.lru.usage(salt)
-        explicit = self.lru.get_quota(salt)
+        report = self.accounting.peek(salt)
+        if report is None:
+            return QuotaInfo(salt, self.accounting.default_quota, 0, 0, False, "default")
         return QuotaInfo(
-            salt, self.lru.quota(salt), used.nbytes, used.objects, explicit is not None
+            salt,
+            report.limit,
+            report.used.nbytes,
+            report.used.objects,
+            report.source != "default",
+            report.source,
         )
 
     def usage(self, salt: str | None = None) -> dict[str, QuotaInfo]:
@@ -200,8 +218,9 @@ class QuotaManager:
             info = self.info(salt)
             return {info.cache_salt: info}
         out: dict[str, QuotaInfo] = {}
-        for s in self.lru.salts():
-            info = self.info(s if s else "_default")
+        snap = self.accounting.snapshot()
+        for report in snap.salts if snap is not None else ():
+            info = self.info(report.salt if report.salt else "_default")
             if info.exists or info.objects or info.current_usage_bytes:
-                out[s] = info
+                out[report.salt] = info
         return out

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flexkv_store.errors import FlexKVStoreError, InvalidKeyError
 from flexkv_store.metrics import CONTENT_TYPE
 from flexkv_store.quota._manager import GIB, QuotaInfo, api_salt
+from flexkv_store.quota._userlru import Tally
 
 _T = TypeVar("_T")
 
@@ -202,6 +203,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
 
     async def read(fn: Callable[[], _T]) -> _T:
         async def now() -> _T:
+            await store.refresh()  # a shared accounting: read its current figures
             return fn()
 
         return await on_store(now)
@@ -255,6 +257,10 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
     async def usage() -> dict[str, Any]:
         return await read(usage_now)
 
+    def _evicted(salt: str) -> Tally:
+        report = store.accounting.peek(salt)
+        return Tally(0, 0) if report is None else report.evicted
+
     def usage_now() -> dict[str, Any]:
         info = store.info()
         users = store.quota.usage()
@@ -266,8 +272,8 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
             "users": {
                 i.as_dict()["cache_salt"]: {
                     **_quota_entry(i),
-                    "evicted_objects": store.lru.evictions(i.cache_salt).objects,
-                    "evicted_bytes": store.lru.evictions(i.cache_salt).nbytes,
+                    "evicted_objects": _evicted(i.cache_salt).objects,
+                    "evicted_bytes": _evicted(i.cache_salt).nbytes,
                 }
                 for i in users.values()
             },
@@ -282,7 +288,7 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        body = store.metrics.render() if store.metrics is not None else b""
+        body = await read(lambda: store.metrics.render() if store.metrics is not None else b"")
         return Response(body, media_type=CONTENT_TYPE)
 
     app.include_router(router, prefix="/api")

@@ -1,0 +1,202 @@
+"""The conformance suite every :class:`~flexkv_store.quota.Accounting` passes.
+
+Subclass :class:`AccountingTests` in a test module and give it a ``make`` fixture that
+returns an async factory ``make(default_quota=None, capacity=None) -> Accounting`` (opened);
+the subclass inherits every test (UserLRU's semantics, DESIGN section 4). ``shared`` accountings
+also get the tests of pending admissions (``make(same_state=True)`` must then return a
+second accounting over the same state, as another process would open it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from flexkv_store.errors import QuotaExceededError
+from flexkv_store.keyformat import ObjectKey
+from flexkv_store.quota._accounting import Accounting
+
+__all__ = ["AccountingTests", "Make", "k"]
+
+#: ``make(default_quota=None, capacity=None)``: a fresh, opened accounting.
+Make = Callable[..., Awaitable[Accounting]]
+
+
+def k(i: int, salt: str = "alice") -> ObjectKey:
+    """The ``i``-th test key of ``salt``."""
+    return ObjectKey("m", 0, i.to_bytes(4, "big"), salt)
+
+
+async def put(acct: Accounting, key: ObjectKey, size: int) -> list[ObjectKey]:
+    """Admit and commit one object as the Store does; the victims' keys."""
+    out = await acct.admit([(key, size)], each=False)
+    await acct.commit(out.admissions)
+    return [v for v, _ in out.victims]
+
+
+class AccountingTests:
+    """UserLRU's semantics, for any accounting (``make`` is the subclass's fixture)."""
+
+    async def test_a_salt_evicts_only_its_own_least_recently_used(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 100)
+        for i in range(3):
+            assert await put(acct, k(i), 40) == ([] if i < 2 else [k(0)])
+        await put(acct, k(9, "bob"), 1000)  # bob has no quota: unlimited
+        assert await acct.usage("alice") == (80, 2)
+        assert await acct.usage("bob") == (1000, 1)
+        assert await acct.evictions("alice") == (40, 1)
+        assert [key for key, _ in await acct.lru_order("alice")] == [k(1), k(2)]
+
+    async def test_an_object_alone_over_its_quota_is_refused(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 100)
+        await put(acct, k(1), 60)
+        with pytest.raises(QuotaExceededError):
+            await acct.admit([(k(2), 60), (k(3), 101)], each=False)
+        assert await acct.usage("alice") == (60, 1)  # nothing changed
+        out = await acct.admit([(k(2), 30), (k(3), 101)], each=True)
+        assert [a.key for a in out.admissions] == [k(2)] and set(out.refused) == {k(3)}
+        await acct.commit(out.admissions)
+        assert await acct.usage("alice") == (90, 2)
+
+    async def test_overwrite_accounts_the_difference(self, make: Make) -> None:
+        acct = await make()
+        await put(acct, k(1), 10)
+        await put(acct, k(1), 25)
+        assert await acct.usage("alice") == (25, 1)
+
+    async def test_touch_protects_from_eviction(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 30)
+        for i in range(3):
+            await put(acct, k(i), 10)
+        acct.touch([k(0)])
+        await acct.flush()
+        assert await put(acct, k(3), 10) == [k(1)]
+
+    async def test_rollback_restores_the_previous_size(self, make: Make) -> None:
+        acct = await make()
+        await put(acct, k(1), 10)
+        out = await acct.admit([(k(1), 50), (k(2), 5)], each=False)
+        assert await acct.usage("alice") == (55, 2)
+        await acct.rollback(out.admissions)
+        assert await acct.usage("alice") == (10, 1)
+        assert await acct.contains([k(1), k(2)]) == [True, False]
+
+    async def test_abandon_forgets_only_unchanged_entries(self, make: Make) -> None:
+        acct = await make()
+        first = await acct.admit([(k(1), 10)], each=False)
+        await acct.commit(first.admissions)
+        again = await acct.admit([(k(1), 20)], each=False)
+        await acct.commit(again.admissions)
+        await acct.abandon(first.admissions)  # stale: a later write changed it
+        assert await acct.usage("alice") == (20, 1)
+        await acct.abandon(again.admissions)
+        assert await acct.usage("alice") == (0, 0)
+
+    async def test_remove_and_contains(self, make: Make) -> None:
+        acct = await make()
+        await put(acct, k(1), 10)
+        await put(acct, k(2), 10)
+        await acct.remove([k(1), k(7)])
+        assert await acct.contains([k(1), k(2), k(7)]) == [False, True, False]
+        assert await acct.usage("alice") == (10, 1)
+
+    async def test_lowering_a_quota_evicts_down_at_once(self, make: Make) -> None:
+        acct = await make()
+        for i in range(4):
+            await put(acct, k(i), 10)
+        victims = await acct.set_quota("alice", 15)
+        assert [v for v, _ in victims] == [k(0), k(1), k(2)]
+        assert await acct.usage("alice") == (10, 1)
+
+    async def test_runtime_quotas_override_config_ones(self, make: Make) -> None:
+        acct = await make(default_quota=1000)
+        await acct.apply_config({"alice": 100, "bob": 50})
+        assert await acct.quota("alice") == (100, "config")
+        await acct.set_quota("alice", 70)
+        assert await acct.quota("alice") == (70, "runtime")
+        await acct.apply_config({"alice": 200, "bob": 60})  # a config edit
+        assert await acct.quota("alice") == (70, "runtime")  # overridden at run time
+        assert await acct.quota("bob") == (60, "config")  # applies
+        assert await acct.delete_quota("alice") == (True, [])
+        assert await acct.quota("alice") == (200, "config")
+        assert (await acct.delete_quota("bob"))[0] is False  # no run-time quota to delete
+        assert await acct.quotas() == {"alice": (200, "config"), "bob": (60, "config")}
+        await acct.apply_config({})
+        assert await acct.quota("bob") == (1000, "default")
+        assert await acct.quotas() == {}
+
+    async def test_allowlist_mode(self, make: Make) -> None:
+        acct = await make(default_quota=0)
+        await acct.set_quota("alice", 10)
+        await put(acct, k(1), 5)
+        with pytest.raises(QuotaExceededError):
+            await acct.admit([(k(2, "mallory"), 0)], each=False)
+
+    async def test_capacity_evicts_globally(self, make: Make) -> None:
+        acct = await make(capacity=100)
+        await put(acct, k(1, "alice"), 60)
+        assert await put(acct, k(2, "bob"), 60) == [k(1, "alice")]
+        with pytest.raises(QuotaExceededError):
+            await acct.admit([(k(3, "bob"), 101)], each=False)
+
+    async def test_a_batch_over_quota_keeps_its_newest(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 100)
+        out = await acct.admit([(k(i), 40) for i in range(5)], each=True)
+        assert [a.key for a in out.admissions] == [k(3), k(4)]
+        assert set(out.refused) == {k(0), k(1), k(2)} == out.never_stored
+        await acct.commit(out.admissions)
+        assert await acct.usage("alice") == (80, 2)
+
+    async def test_record_then_enforce_rebuilds(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 25)
+        await acct.record([(k(i), 10) for i in range(4)])  # oldest first
+        victims = await acct.enforce()
+        assert [v for v, _ in victims] == [k(0), k(1)]
+        assert await acct.usage("alice") == (20, 2)
+        assert not await acct.is_empty()
+
+    async def test_report_lists_salts_with_quota_or_objects(self, make: Make) -> None:
+        acct = await make()
+        await acct.set_quota("alice", 100)
+        await put(acct, k(1, "bob"), 7)
+        snap = await acct.report()
+        by_salt = {r.salt: r for r in snap.salts}
+        assert by_salt["alice"].limit == 100 and by_salt["alice"].source == "runtime"
+        assert by_salt["bob"].used == (7, 1) and by_salt["bob"].source == "default"
+        assert snap.total == (7, 1)
+
+    async def test_pending_admissions_are_never_victims(self, make: Make) -> None:
+        """Another process may still be writing them (shared accountings)."""
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting has admissions pending elsewhere")
+        other = await make(same_state=True)
+        await acct.set_quota("alice", 100)
+        pending = await other.admit([(k(1), 60)], each=False)  # not committed yet
+        with pytest.raises(QuotaExceededError, match="in flight"):
+            await acct.admit([(k(2), 60)], each=False)
+        await other.commit(pending.admissions)
+        out = await acct.admit([(k(2), 60)], each=False)
+        assert [v for v, _ in out.victims] == [k(1)]
+        assert [p[0] for p in await acct.pending()] == [k(2)]
+
+    async def test_reconcile_settles_pending_entries_without_losing_objects(
+        self, make: Make
+    ) -> None:
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting keeps pending entries")
+        a = await acct.admit([(k(1), 10), (k(2), 10)], each=False)  # the writer died here
+        del a
+        await put(acct, k(3), 10)
+        present = {k(1): 10, k(3): 10, k(4): 5}  # k(1) was written, k(2) not; k(4) unknown
+        assert await acct.reconcile(present, older_than=0) == (1, 1)
+        assert await acct.contains([k(1), k(2), k(3), k(4)]) == [True, False, True, True]
+        assert await acct.pending() == []
+        assert await acct.usage("alice") == (25, 3)

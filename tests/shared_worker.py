@@ -1,0 +1,57 @@
+"""A worker process for the shared-accounting tests: random puts, gets and deletes of
+random sizes through a Store opened from a config, until its op count is done.
+
+Usage: python tests/shared_worker.py CONFIG_JSON SEED OPS [SALT=QUOTA ...]
+Prints one JSON line at the end: {"puts": n, "refused": n, "errors": n}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+
+from flexkv_store.errors import QuotaExceededError, StorageError
+from flexkv_store.keyformat import ObjectKey
+from flexkv_store.store import open_store
+
+
+async def main() -> None:
+    config = json.loads(sys.argv[1])
+    rng = random.Random(int(sys.argv[2]))
+    ops = int(sys.argv[3])
+    salts = [a.split("=")[0] for a in sys.argv[4:]]
+    counts = {"puts": 0, "refused": 0, "errors": 0, "gets": 0, "deletes": 0}
+    async with open_store(config) as store:
+        for _ in range(ops):
+            salt = rng.choice(salts)
+            key = ObjectKey("m", 0, rng.randrange(200).to_bytes(2, "big"), salt)
+            r = rng.random()
+            try:
+                if r < 0.7:
+                    batch = [
+                        (
+                            ObjectKey("m", 0, rng.randrange(200).to_bytes(2, "big"), salt),
+                            os.urandom(rng.randrange(1, 48 * 1024)),
+                        )
+                        for _ in range(rng.randrange(1, 4))
+                    ]
+                    await store.put_many(batch)
+                    counts["puts"] += len(batch)
+                elif r < 0.9:
+                    await store.get(key)
+                    counts["gets"] += 1
+                else:
+                    await store.delete(key)
+                    counts["deletes"] += 1
+            except QuotaExceededError:
+                counts["refused"] += 1
+            except StorageError:
+                counts["errors"] += 1
+    print(json.dumps(counts), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,185 @@
+"""Every accounting passes one suite (flexkv_store.quota.testing) and a state machine
+against a dict model; the shared ones also across real processes (test_shared_quota.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from flexkv_store.config import load_config
+from flexkv_store.errors import ConfigError, QuotaExceededError
+from flexkv_store.quota import Accounting, LocalAccounting, UserLRU
+from flexkv_store.quota._sqlite import SqliteAccounting
+from flexkv_store.quota.testing import AccountingTests, Make, k, put
+from flexkv_store.store import accounting_for
+
+
+class TestLocal(AccountingTests):
+    @pytest.fixture
+    async def make(self) -> Make:
+        async def factory(
+            default_quota: int | None = None, capacity: int | None = None, **_: Any
+        ) -> Accounting:
+            acct = LocalAccounting(UserLRU(default_quota=default_quota, capacity=capacity))
+            await acct.open()
+            return acct
+
+        return factory
+
+
+class TestSqlite(AccountingTests):
+    @pytest.fixture
+    async def make(self, tmp_path: Path) -> AsyncIterator[Make]:
+        made: list[Accounting] = []
+
+        async def factory(
+            default_quota: int | None = None,
+            capacity: int | None = None,
+            same_state: bool = False,
+        ) -> Accounting:
+            path = tmp_path / "acct.sqlite"
+            if not same_state and made:
+                path = tmp_path / f"acct{len(made)}.sqlite"
+            acct = SqliteAccounting(path, default_quota=default_quota, capacity=capacity)
+            await acct.open()
+            made.append(acct)
+            return acct
+
+        yield factory
+        for acct in made:
+            await acct.close()
+
+
+def test_accounting_config(tmp_path: Path) -> None:
+    cfg = load_config({"backend": f"fs://{tmp_path}", "quota": {"accounting": "sqlite"}})
+    acct = accounting_for(cfg)
+    assert isinstance(acct, SqliteAccounting)
+    assert acct.path == tmp_path / "flexkv-accounting.sqlite"
+    cfg = load_config(
+        {"backend": "memory://", "quota": {"accounting": f"sqlite://{tmp_path}/a.db"}}
+    )
+    assert accounting_for(cfg).describe() == f"sqlite:{tmp_path}/a.db"
+    with pytest.raises(ConfigError, match="first fs backend"):
+        accounting_for(load_config({"backend": "memory://", "quota": {"accounting": "sqlite"}}))
+    with pytest.raises(ConfigError, match="accounting"):
+        load_config({"backend": "memory://", "quota": {"accounting": "mysql://x"}})
+
+
+# -- a state machine against a dict model ------------------------------------------------------
+
+SALTS = ["", "alice", "bob"]
+
+
+class Model:
+    """UserLRU's rules in the plainest form: one OrderedDict per salt."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, OrderedDict[int, int]] = {s: OrderedDict() for s in SALTS}
+        self.quotas: dict[str, int] = {}
+
+    def used(self, salt: str) -> int:
+        return sum(self.objects[salt].values())
+
+    def put(self, salt: str, i: int, size: int) -> bool:
+        limit = self.quotas.get(salt)
+        if limit is not None and (size > limit or limit == 0):
+            return False
+        objs = self.objects[salt]
+        objs.pop(i, None)
+        while limit is not None and objs and self.used(salt) + size > limit:
+            objs.popitem(last=False)
+        objs[i] = size
+        return True
+
+    def shrink(self, salt: str) -> None:
+        limit = self.quotas.get(salt)
+        objs = self.objects[salt]
+        while limit is not None and objs and self.used(salt) > limit:
+            objs.popitem(last=False)
+
+
+class AccountingMachine(RuleBasedStateMachine):
+    """Random puts, touches, removes and quota changes: the accounting equals the model."""
+
+    factory: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.acct: Accounting = self.loop.run_until_complete(type(self).factory())
+        self.model = Model()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    @rule(salt=st.sampled_from(SALTS), i=st.integers(0, 7), size=st.integers(0, 60))
+    def do_put(self, salt: str, i: int, size: int) -> None:
+        ok = self.model.put(salt, i, size)
+        try:
+            self.run(put(self.acct, k(i, salt), size))
+        except QuotaExceededError:
+            assert not ok
+        else:
+            assert ok
+
+    @rule(salt=st.sampled_from(SALTS), i=st.integers(0, 7))
+    def do_touch(self, salt: str, i: int) -> None:
+        if i in self.model.objects[salt]:
+            self.model.objects[salt].move_to_end(i)
+        self.acct.touch([k(i, salt)])
+        self.run(self.acct.flush())
+
+    @rule(salt=st.sampled_from(SALTS), i=st.integers(0, 7))
+    def do_remove(self, salt: str, i: int) -> None:
+        self.model.objects[salt].pop(i, None)
+        self.run(self.acct.remove([k(i, salt)]))
+
+    @rule(salt=st.sampled_from(SALTS), limit=st.integers(0, 120))
+    def do_set_quota(self, salt: str, limit: int) -> None:
+        self.model.quotas[salt] = limit
+        self.model.shrink(salt)
+        self.run(self.acct.set_quota(salt, limit))
+
+    @rule(salt=st.sampled_from(SALTS))
+    def do_delete_quota(self, salt: str) -> None:
+        self.model.quotas.pop(salt, None)
+        self.run(self.acct.delete_quota(salt))
+
+    @invariant()
+    def same_as_model(self) -> None:
+        for salt in SALTS:
+            order = [key for key, _ in self.run(self.acct.lru_order(salt))]
+            assert order == [k(i, salt) for i in self.model.objects[salt]]
+            used = self.run(self.acct.usage(salt))
+            assert used == (self.model.used(salt), len(self.model.objects[salt]))
+            limit = self.model.quotas.get(salt)
+            assert limit is None or used.nbytes <= limit
+
+    def teardown(self) -> None:
+        self.run(self.acct.close())
+        self.loop.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "sqlite"])
+def test_accounting_state_machine(kind: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    async def factory() -> Accounting:
+        acct: Accounting
+        if kind == "local":
+            acct = LocalAccounting()
+        else:
+            acct = SqliteAccounting(tmp_path_factory.mktemp("sm") / "acct.sqlite")
+        await acct.open()
+        return acct
+
+    machine = type(f"Machine_{kind}", (AccountingMachine,), {"factory": staticmethod(factory)})
+    run_state_machine_as_test(
+        machine, settings=settings(max_examples=25, stateful_step_count=30, deadline=None)
+    )

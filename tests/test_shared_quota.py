@@ -1,0 +1,175 @@
+"""One hard quota across real processes: 4 workers over one fs directory with the sqlite
+accounting, a fifth process sampling the shared usage, and a worker killed mid-write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flexkv_store.store import Store, open_store
+
+HERE = Path(__file__).resolve().parent
+QUOTAS = {"alice": 600 * 1024, "bob": 300 * 1024, "carol": 150 * 1024}
+
+SAMPLER = textwrap.dedent(
+    """
+    import json, sqlite3, sys, time
+    path, quotas, stop = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    import os
+    worst, samples = {}, 0
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    while not os.path.exists(stop):
+        try:
+            rows = db.execute("SELECT salt, used FROM salts").fetchall()
+        except sqlite3.OperationalError:  # the first process is still creating the schema
+            time.sleep(0.01)
+            continue
+        for salt, used in rows:
+            if salt in quotas:
+                worst[salt] = max(worst.get(salt, 0), used / quotas[salt])
+        samples += 1
+        time.sleep(0.005)
+    print(json.dumps({"samples": samples, "worst": worst}))
+    """
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _worker(config: dict[str, Any], seed: int, ops: int) -> subprocess.Popen[str]:
+    args = [sys.executable, str(HERE / "shared_worker.py"), json.dumps(config), str(seed), str(ops)]
+    args += [f"{s}={q}" for s, q in QUOTAS.items()]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+
+
+async def _scan_usage(store: Store) -> dict[str, int]:
+    usage: dict[str, int] = {}
+    async for info in store.scan():
+        usage[info.key.cache_salt] = usage.get(info.key.cache_salt, 0) + info.size
+    return usage
+
+
+def _config(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "backend": f"fs://{tmp_path / 'kv'}",
+        "quota": {"accounting": "sqlite", "quotas": QUOTAS},
+    }
+
+
+def test_four_processes_share_one_hard_quota(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+    stop = tmp_path / "stop"
+    sampler = subprocess.Popen(
+        [sys.executable, "-c", SAMPLER, str(db), json.dumps(QUOTAS), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    workers = [_worker(config, seed, 500) for seed in range(4)]
+    results = []
+    for w in workers:
+        out, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    stop.touch()
+    sampled = json.loads(sampler.communicate(timeout=60)[0])
+    assert sum(r["puts"] for r in results) > 2000
+    assert sampled["samples"] > 10
+    # the shared usage never exceeded a quota, at any sampled moment
+    assert all(ratio <= 1.0 for ratio in sampled["worst"].values()), sampled
+    assert set(sampled["worst"]) == set(QUOTAS)
+    assert min(sampled["worst"].values()) > 0.5  # the quotas were under pressure
+
+    async def check() -> None:
+        async with open_store(config) as store:
+            acct = store.accounting
+            found = await _scan_usage(store)
+            for salt, quota in QUOTAS.items():
+                used = await acct.usage(salt)
+                assert used.nbytes == found.get(salt, 0), salt
+                assert used.nbytes <= quota
+            assert await acct.pending() == []
+
+    asyncio.run(check())
+
+
+def test_a_worker_killed_mid_write_is_reconciled_without_losing_objects(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    w = _worker(config, 7, 100_000)
+    db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if db.exists() and any((tmp_path / "kv").rglob("*.data")):
+            break
+    time.sleep(0.5)
+    w.send_signal(signal.SIGKILL)
+    w.wait(timeout=30)
+
+    async def check() -> None:
+        reconciled = {**config, "quota": {**config["quota"], "reconcile": True}}
+        async with open_store(reconciled) as store:
+            acct = store.accounting
+            assert await acct.pending() == []  # the dead writer's admissions are settled
+            found: dict[Any, int] = {}
+            async for info in store.scan():
+                found[info.key] = info.size
+            accounted = dict(await acct.lru_order())
+            assert accounted == found  # every object accounted, nothing phantom
+            for salt, quota in QUOTAS.items():
+                assert (await acct.usage(salt)).nbytes <= quota
+
+    asyncio.run(check())
+
+
+def test_fsck_reconciles_a_killed_writers_admissions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from flexkv_store.cli import main
+
+    config = _config(tmp_path)
+    path = tmp_path / "flexkv.yaml"
+    path.write_text(yaml.safe_dump(config))
+    w = _worker(config, 11, 100_000)
+    db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        db.exists() and any((tmp_path / "kv").rglob("*.data"))
+    ):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    w.send_signal(signal.SIGKILL)
+    w.wait(timeout=30)
+    assert main(["fsck", "--config", str(path), "--json"]) in (0, 1)
+    report = json.loads(capsys.readouterr().out)[-1]["accounting"]
+    assert report["where"].startswith("sqlite:")
+    assert main(["fsck", "--config", str(path), "--repair", "--json"]) == 0
+    repaired = json.loads(capsys.readouterr().out)[-1]["accounting"]
+    assert repaired["pending"] == 0 and repaired["unaccounted"] == 0
+
+    async def check() -> None:
+        async with open_store(config) as store:  # no reconcile on open: fsck did it
+            found = {i.key: i.size async for i in store.scan()}
+            assert dict(await store.accounting.lru_order()) == found
+
+    asyncio.run(check())
