@@ -273,10 +273,60 @@ def bench_admin_api(args: argparse.Namespace) -> dict[str, Any]:
     return api.main(["--quick"] if args.quick else [])
 
 
+def _run_procs(mode: str, db: Path, procs: int, n: int) -> float:
+    """``procs`` processes doing ``n`` operations each, started together: aggregate ops/s."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "_shared_acct.py"
+    go = Path(str(db) + ".go")
+    go.unlink(missing_ok=True)
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(script), mode, str(db), str(n), str(i)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(procs)
+    ]
+    time.sleep(1.0 + 0.3 * procs)  # let every child open its connection
+    go.touch()
+    seconds = []
+    for child in children:
+        out, _ = child.communicate(timeout=600)
+        seconds.append(json.loads(out.strip().splitlines()[-1])["seconds"])
+    return float(procs * n / max(seconds))
+
+
+def bench_shared_accounting(args: argparse.Namespace) -> dict[str, Any]:
+    """Admissions/s and touches/s of the sqlite accounting with 1 and 4 processes, beside
+    a bare ``INSERT`` transaction per operation on the same disk (the floor of any
+    transaction-per-admission design). Target: >= 5k admissions/s across 4 processes."""
+    import tempfile
+
+    n = 500 if args.quick else 3000
+    out: dict[str, Any] = {"ops_per_process": n}
+    with tempfile.TemporaryDirectory(prefix="flexkv-bench-acct-") as tmp:
+        for procs in (1, 4):
+            row: dict[str, Any] = {}
+            for mode in ("bare", "admit", "touch"):
+                db = Path(tmp) / f"{mode}-{procs}.sqlite"
+                row[f"{mode}_per_s"] = round(_run_procs(mode, db, procs, n))
+            row["admit_ratio"] = ratio_of(row["admit_per_s"], row["bare_per_s"])
+            row["touch_ratio"] = ratio_of(row["touch_per_s"], row["bare_per_s"])
+            out[f"sqlite_{procs}_process{'es' if procs > 1 else ''}"] = row
+    out["target"] = "admissions >= 5000/s aggregate across 4 processes"
+    return out
+
+
+def ratio_of(value: float, baseline: float) -> float | None:
+    return round(value / baseline, 3) if baseline else None
+
+
 #: (name, function of the parsed arguments) for each section of the report, in order.
 SECTIONS: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [
     ("userlru", bench_userlru),
     ("admin_api", bench_admin_api),
+    ("shared_accounting", bench_shared_accounting),
 ]
 
 

@@ -710,6 +710,13 @@ class Store:
         for i, k in enumerate(keys):
             if self._l1 is not None and self._l1.pop(k):
                 found[i] = True
+        if self.accounting.shared:
+            # Out of the shared accounting first, as an eviction does: a put of the key in
+            # another process after this point is accounted afresh, and one that lands
+            # before the backends' delete is lost with it (accounted, not stored: the safe
+            # side). The other order could drop the accounting of an object just written.
+            sizes = dict(await self.accounting.lru_order_of(keys))
+            await self.accounting.remove(keys)
         held, errors, failed = await self._delete_everywhere(keys, "delete")
         self._drop_from_l1(keys)  # a read may have promoted one meanwhile
         found = [a or b for a, b in zip(found, held, strict=True)]
@@ -718,7 +725,12 @@ class Store:
                 self._suspects.orphans.add(k)  # still accounted while a copy may exist
             else:
                 self._suspects.orphans.discard(k)
-        await self.accounting.remove([k for k in keys if k not in failed])
+        if self.accounting.shared:
+            await self.accounting.restore(
+                [(k, sizes[k]) for k in keys if k in failed and k in sizes]
+            )
+        else:
+            await self.accounting.remove([k for k in keys if k not in failed])
         self._gens.changed(keys)
         self._notify(
             "deleted", [k for k, f in zip(keys, found, strict=True) if f and k not in failed]
@@ -978,7 +990,9 @@ class Store:
                 await self._promote([(key, bytes(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
-        if answered == len(self.backends) and self.accounting.known(key) is not False:
+        if answered == len(self.backends) and self.accounting.known(key):
+            # (only the local accounting: a shared one cannot tell a lost object from one
+            # another process is writing; reconcile settles it there)
             self._gens.hold(stamp)
             self._background(self._forget_later([key], stamp))
         return None
@@ -1055,7 +1069,7 @@ class Store:
         lost = [
             k
             for k, n in zip(keys, answered, strict=True)
-            if n == len(self.backends) and self.accounting.known(k) is not False
+            if n == len(self.backends) and self.accounting.known(k)
         ]
         if lost:
             self._gens.hold(stamp)

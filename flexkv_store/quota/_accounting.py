@@ -197,8 +197,10 @@ class Accounting(ABC):
         forget the entries, unless another write changed them since."""
 
     @abstractmethod
-    async def remove(self, keys: Sequence[ObjectKey]) -> None:
-        """Forget ``keys`` (deleted, or lost by every backend)."""
+    async def remove(self, keys: Sequence[ObjectKey], *, pending_too: bool = False) -> None:
+        """Forget ``keys`` (deleted, or lost by every backend). An entry another process
+        admitted and has not committed yet stays (its write may still land), unless
+        ``pending_too`` (reconcile, for a writer that is gone)."""
 
     @abstractmethod
     async def restore(self, victims: Sequence[Victim]) -> None:
@@ -240,6 +242,11 @@ class Accounting(ABC):
     @abstractmethod
     async def lru_order(self, salt: str | None = None) -> list[Victim]:
         """``(key, size)`` from least to most recently used: one salt's, or all."""
+
+    async def lru_order_of(self, keys: Sequence[ObjectKey]) -> list[Victim]:
+        """``(key, size)`` of those of ``keys`` that are accounted."""
+        wanted = set(keys)
+        return [(k, n) for k, n in await self.lru_order() if k in wanted]
 
     @abstractmethod
     async def report(self) -> Snapshot:
@@ -287,7 +294,7 @@ class Accounting(ABC):
         if done:
             await self.commit_any(done)
         if gone:
-            await self.remove(gone)
+            await self.remove(gone, pending_too=True)
         known = await self.contains(list(present))
         missing = [(k, n) for (k, n), ok in zip(present.items(), known, strict=True) if not ok]
         if missing:

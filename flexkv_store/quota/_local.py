@@ -163,7 +163,7 @@ class LocalAccounting(Accounting):
             if self.lru._global.get(adm.key) == adm._version:
                 self.lru.remove(adm.key)
 
-    async def remove(self, keys: Sequence[ObjectKey]) -> None:
+    async def remove(self, keys: Sequence[ObjectKey], *, pending_too: bool = False) -> None:
         for key in keys:
             self.lru.remove(key)
 

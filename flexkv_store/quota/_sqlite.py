@@ -445,12 +445,21 @@ class SqliteAccounting(Accounting):
         await self._run(self._tx, change)
 
     async def commit_any(self, admissions: Sequence[Admission]) -> None:
-        rows = [(a.key.to_wire(),) for a in admissions]
+        """Commit pending entries whoever admitted them, at the size found stored."""
+        rows = [(a.key.to_wire(), a.key.cache_salt, a.size) for a in admissions]
 
         def change(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "UPDATE objects SET owner = NULL, admitted_at = NULL WHERE key = ?", rows
-            )
+            for wire, salt, size in rows:
+                row = db.execute("SELECT size FROM objects WHERE key = ?", (wire,)).fetchone()
+                if row is None:
+                    continue
+                db.execute(
+                    "UPDATE objects SET owner = NULL, admitted_at = NULL, size = ? WHERE key = ?",
+                    (size, wire),
+                )
+                diff = size - int(row[0])
+                db.execute("UPDATE salts SET used = used + ? WHERE salt = ?", (diff, salt))
+                self._bump(db, "total_bytes", diff)
 
         await self._run(self._tx, change)
 
@@ -501,14 +510,22 @@ class SqliteAccounting(Accounting):
 
         await self._run(self._tx, change)
 
-    async def remove(self, keys: Sequence[ObjectKey]) -> None:
+    async def remove(self, keys: Sequence[ObjectKey], *, pending_too: bool = False) -> None:
         if not keys:
             return
+        query = (
+            "SELECT size FROM objects WHERE key = ?"
+            if pending_too
+            else "SELECT size FROM objects WHERE key = ? AND (owner IS NULL OR owner = ?)"
+        )
         wires = [(k.to_wire(), k.cache_salt) for k in keys]
 
         def change(db: sqlite3.Connection) -> None:
             for wire, salt in wires:
-                row = db.execute("SELECT size FROM objects WHERE key = ?", (wire,)).fetchone()
+                # Never another process's pending entry: its write may land after ours
+                # was deleted, and would then be stored but not accounted.
+                args = (wire,) if pending_too else (wire, self._owner)
+                row = db.execute(query, args).fetchone()
                 if row is not None:
                     self._drop(db, wire, salt, int(row[0]))
 
@@ -632,6 +649,20 @@ class SqliteAccounting(Accounting):
                     "SELECT key, size FROM objects WHERE salt = ? ORDER BY used_at", (salt,)
                 )
             return [(ObjectKey.from_wire(k), int(n)) for k, n in rows]
+
+        return await self._run(read)
+
+    async def lru_order_of(self, keys: Sequence[ObjectKey]) -> list[Victim]:
+        wires = [k.to_wire() for k in keys]
+
+        def read() -> list[Victim]:
+            assert self._db is not None
+            out: list[Victim] = []
+            for w in wires:
+                row = self._db.execute("SELECT size FROM objects WHERE key = ?", (w,)).fetchone()
+                if row is not None:
+                    out.append((ObjectKey.from_wire(w), int(row[0])))
+            return out
 
         return await self._run(read)
 
