@@ -440,26 +440,27 @@ class FlexKVStoreTier(SecondaryTierManager):
         return LookupResult.RETRY
 
     def submit_store(self, job_metadata: TransferJob) -> None:
-        tenant = self._tenant(job_metadata.req_context)
-        keys = list(job_metadata.keys)
-        items: list[tuple[OffloadKey, ObjectKey, int]] = []
-        if tenant.salt is not None and not self._closed:
-            for key, chunk in zip(keys, job_metadata.chunk_ids, strict=True):
-                okey = self._object_key(key, tenant.salt)
-                if okey is not None:
-                    items.append((key, okey, int(chunk)))
+        keys, items = self._job_items(job_metadata)
         self._submit(job_metadata.job_id, self._store_job(job_metadata.job_id, keys, items))
 
     def submit_load(self, job_metadata: TransferJob) -> None:
-        tenant = self._tenant(job_metadata.req_context)
-        keys = list(job_metadata.keys)
+        keys, items = self._job_items(job_metadata)
+        self._submit(job_metadata.job_id, self._load_job(job_metadata.job_id, keys, items))
+
+    def _job_items(
+        self, job: TransferJob
+    ) -> tuple[list[OffloadKey], list[tuple[OffloadKey, ObjectKey, int]]]:
+        """The job's keys, and (offload key, our key, primary row) for those we can store:
+        none for a request whose tenant our keys refuse."""
+        tenant = self._tenant(job.req_context)
+        keys = list(job.keys)
         items: list[tuple[OffloadKey, ObjectKey, int]] = []
         if tenant.salt is not None and not self._closed:
-            for key, chunk in zip(keys, job_metadata.chunk_ids, strict=True):
+            for key, chunk in zip(keys, job.chunk_ids, strict=True):
                 okey = self._object_key(key, tenant.salt)
                 if okey is not None:
                     items.append((key, okey, int(chunk)))
-        self._submit(job_metadata.job_id, self._load_job(job_metadata.job_id, keys, items))
+        return keys, items
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         self._drain_probe_results()
