@@ -120,8 +120,9 @@ class QuotaConfig(_Section):
     #: (The local accounting only: a shared one keeps quotas itself.)
     state_path: str | None = None
     #: Where usage, LRU order and quotas live: ``local`` (this process), ``sqlite`` (one
-    #: database shared by the processes of a node, next to the first fs backend's data) or
-    #: ``sqlite:///path/to/db``.
+    #: database shared by the processes of a node, next to the first fs backend's data),
+    #: ``sqlite:///path/to/db``, ``redis`` (the first Redis backend's server and prefix) or
+    #: a Redis URL (``redis://``, ``rediss://``, ``redis+cluster://``: many nodes).
     accounting: str = "local"
     #: A shared accounting applies hits' LRU updates in batches, this often (ms).
     touch_interval_ms: int = Field(default=100, ge=1, le=60_000)
@@ -132,11 +133,16 @@ class QuotaConfig(_Section):
     @field_validator("accounting")
     @classmethod
     def _accounting(cls, v: str) -> str:
-        if v in ("local", "sqlite") or (v.startswith("sqlite:///") and len(v) > len("sqlite:///")):
+        if v in ("local", "sqlite", "redis") or (
+            v.startswith("sqlite:///") and len(v) > len("sqlite:///")
+        ):
+            return v
+        if v.split("://", 1)[0] in ("redis", "rediss", "redis+unix", "redis+cluster"):
             return v
         raise ValueError(
             "must be 'local', 'sqlite' or 'sqlite:///path' (one SQLite database for the "
-            f"processes of a node); got {v!r}"
+            "processes of a node), 'redis' (the first Redis backend's server) or a Redis URL "
+            f"(redis://, rediss://, redis+cluster://; for several nodes); got {v!r}"
         )
 
     @field_validator("quotas")

@@ -1420,6 +1420,24 @@ def accounting_for(config: StoreConfig) -> Accounting:
         return LocalAccounting(
             UserLRU(default_quota=q.default_quota_bytes, capacity=q.capacity_bytes)
         )
+    if q.accounting == "redis" or ("://" in q.accounting and not q.accounting.startswith("sqlite")):
+        from flexkv_store.quota._redis_acct import RedisAccounting
+
+        if q.accounting == "redis":
+            rcfg = next((a for a in config.adapters if isinstance(a, RedisConfig)), None)
+            if rcfg is None:
+                raise ConfigError(
+                    "quota.accounting 'redis' uses the first Redis backend's server, and this "
+                    "store has none: give a URL ('redis://host:6379/0')"
+                )
+        else:
+            rcfg = RedisConfig.from_url(q.accounting)
+        return RedisAccounting(
+            rcfg,
+            default_quota=q.default_quota_bytes,
+            capacity=q.capacity_bytes,
+            touch_interval=q.touch_interval_ms / 1000,
+        )
     from flexkv_store.quota._sqlite import SqliteAccounting
 
     if q.accounting.startswith("sqlite:///"):

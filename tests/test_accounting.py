@@ -58,6 +58,57 @@ class TestSqlite(AccountingTests):
             await acct.close()
 
 
+class TestRedis(AccountingTests):
+    """Against a real redis-server (standalone), a fresh key prefix per test."""
+
+    cluster = False
+
+    @pytest.fixture
+    async def make(self, request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+        from servers import unique_prefix
+
+        from flexkv_store.backends.config import RedisConfig
+        from flexkv_store.quota._redis_acct import RedisAccounting
+
+        server = request.getfixturevalue("redis_cluster" if self.cluster else "redis_server")
+        made: list[Accounting] = []
+        prefix = unique_prefix()
+
+        async def factory(
+            default_quota: int | None = None,
+            capacity: int | None = None,
+            same_state: bool = False,
+        ) -> Accounting:
+            own = prefix if same_state or not made else unique_prefix()
+            cfg = RedisConfig.from_url(server.url)
+            cfg = cfg.model_copy(update={"key_prefix": own})
+            if self.cluster and capacity is not None:
+                pytest.skip("a Redis Cluster accounting has no global capacity (ConfigError)")
+            acct = RedisAccounting(cfg, default_quota=default_quota, capacity=capacity)
+            await acct.open()
+            made.append(acct)
+            return acct
+
+        yield factory
+        for acct in made:
+            await acct.close()
+
+
+class TestRedisCluster(TestRedis):
+    """Against the 3-node Cluster: every salt's keys in one slot."""
+
+    cluster = True
+
+
+def test_cluster_accounting_refuses_a_capacity() -> None:
+    from flexkv_store.backends.config import RedisConfig
+    from flexkv_store.quota._redis_acct import RedisAccounting
+
+    cfg = RedisConfig.from_url("redis+cluster://127.0.0.1:7000")
+    with pytest.raises(ConfigError, match="Cluster"):
+        RedisAccounting(cfg, capacity=10)
+
+
 def test_accounting_config(tmp_path: Path) -> None:
     cfg = load_config({"backend": f"fs://{tmp_path}", "quota": {"accounting": "sqlite"}})
     acct = accounting_for(cfg)
@@ -168,14 +219,26 @@ class AccountingMachine(RuleBasedStateMachine):
         self.loop.close()
 
 
-@pytest.mark.parametrize("kind", ["local", "sqlite"])
-def test_accounting_state_machine(kind: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("kind", ["local", "sqlite", "redis"])
+def test_accounting_state_machine(
+    kind: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_server").url if kind == "redis" else ""
+
     async def factory() -> Accounting:
+        from servers import unique_prefix
+
+        from flexkv_store.backends.config import RedisConfig
+        from flexkv_store.quota._redis_acct import RedisAccounting
+
         acct: Accounting
         if kind == "local":
             acct = LocalAccounting()
-        else:
+        elif kind == "sqlite":
             acct = SqliteAccounting(tmp_path_factory.mktemp("sm") / "acct.sqlite")
+        else:
+            cfg = RedisConfig.from_url(url).model_copy(update={"key_prefix": unique_prefix()})
+            acct = RedisAccounting(cfg)
         await acct.open()
         return acct
 

@@ -1,5 +1,6 @@
 """One hard quota across real processes: 4 workers over one fs directory with the sqlite
-accounting, a fifth process sampling the shared usage, and a worker killed mid-write."""
+accounting, and over one Redis (standalone and the 3-node Cluster) with the Redis
+accounting; a fifth process sampling the shared usage; a worker killed mid-write."""
 
 from __future__ import annotations
 
@@ -20,6 +21,29 @@ from flexkv_store.store import Store, open_store
 
 HERE = Path(__file__).resolve().parent
 QUOTAS = {"alice": 600 * 1024, "bob": 300 * 1024, "carol": 150 * 1024}
+
+REDIS_SAMPLER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import redis
+    from redis.cluster import RedisCluster
+    url, prefix, quotas, stop = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    if url.startswith("redis+cluster://"):
+        host, port = url[len("redis+cluster://"):].split(",")[0].rsplit(":", 1)
+        r = RedisCluster(host=host, port=int(port))
+    else:
+        r = redis.Redis.from_url(url)
+    worst, samples = {}, 0
+    while not os.path.exists(stop):
+        for salt, quota in quotas.items():
+            used = r.hget(f"{prefix}acct:{{{salt.encode().hex()}}}:st", "used")
+            if used is not None:
+                worst[salt] = max(worst.get(salt, 0), int(used) / quota)
+        samples += 1
+        time.sleep(0.005)
+    print(json.dumps({"samples": samples, "worst": worst}))
+    """
+)
 
 SAMPLER = textwrap.dedent(
     """
@@ -74,15 +98,38 @@ def _config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def test_four_processes_share_one_hard_quota(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
+def test_four_processes_share_one_hard_quota(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     stop = tmp_path / "stop"
-    sampler = subprocess.Popen(
-        [sys.executable, "-c", SAMPLER, str(db), json.dumps(QUOTAS), str(stop)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    if kind == "sqlite":
+        config = _config(tmp_path)
+        db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+        cmd = [sys.executable, "-c", SAMPLER, str(db), json.dumps(QUOTAS), str(stop)]
+    else:
+        from servers import unique_prefix
+
+        server = request.getfixturevalue(
+            "redis_cluster" if kind == "redis-cluster" else "redis_server"
+        )
+        prefix = unique_prefix()
+        backend: dict[str, Any] = {"type": "redis", "key_prefix": prefix}
+        if kind == "redis-cluster":
+            backend |= {"cluster": True, "nodes": server.startup_nodes}
+        else:
+            backend["url"] = server.url
+        config = {"backend": backend, "quota": {"accounting": "redis", "quotas": QUOTAS}}
+        cmd = [
+            sys.executable,
+            "-c",
+            REDIS_SAMPLER,
+            server.url,
+            prefix,
+            json.dumps(QUOTAS),
+            str(stop),
+        ]
+    sampler = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     workers = [_worker(config, seed, 500) for seed in range(4)]
     results = []
     for w in workers:
@@ -111,16 +158,28 @@ def test_four_processes_share_one_hard_quota(tmp_path: Path) -> None:
     asyncio.run(check())
 
 
-def test_a_worker_killed_mid_write_is_reconciled_without_losing_objects(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_worker_killed_mid_write_is_reconciled_without_losing_objects(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "sqlite":
+        config = _config(tmp_path)
+    else:
+        from servers import unique_prefix
+
+        server = request.getfixturevalue("redis_server")
+        backend = {"type": "redis", "url": server.url, "key_prefix": unique_prefix()}
+        config = {"backend": backend, "quota": {"accounting": "redis", "quotas": QUOTAS}}
     w = _worker(config, 7, 100_000)
-    db = tmp_path / "kv" / "flexkv-accounting.sqlite"
+
+    async def stored() -> int:
+        async with open_store({**config, "quota": {}}) as probe:  # local: reads no state
+            return sum([1 async for _ in probe.scan()])
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and asyncio.run(stored()) < 5:
         time.sleep(0.2)
-        if db.exists() and any((tmp_path / "kv").rglob("*.data")):
-            break
-    time.sleep(0.5)
+    time.sleep(0.3)
     w.send_signal(signal.SIGKILL)
     w.wait(timeout=30)
 
