@@ -273,12 +273,17 @@ def bench_admin_api(args: argparse.Namespace) -> dict[str, Any]:
     return api.main(["--quick"] if args.quick else [])
 
 
-def _run_procs(mode: str, db: Path, procs: int, n: int) -> float:
+def _run_procs(mode: str, db: Path | str, procs: int, n: int) -> float:
     """``procs`` processes doing ``n`` operations each, started together: aggregate ops/s."""
     import subprocess
 
     script = Path(__file__).resolve().parent / "_shared_acct.py"
-    go = Path(str(db) + ".go")
+    if "://" in str(db):
+        import hashlib
+
+        go = Path(f"/tmp/flexkv-bench-{hashlib.sha1(str(db).encode()).hexdigest()[:12]}.go")
+    else:
+        go = Path(str(db) + ".go")
     go.unlink(missing_ok=True)
     children = [
         subprocess.Popen(
@@ -314,8 +319,36 @@ def bench_shared_accounting(args: argparse.Namespace) -> dict[str, Any]:
             row["admit_ratio"] = ratio_of(row["admit_per_s"], row["bare_per_s"])
             row["touch_ratio"] = ratio_of(row["touch_per_s"], row["bare_per_s"])
             out[f"sqlite_{procs}_process{'es' if procs > 1 else ''}"] = row
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from servers import start_redis
+
+        server = start_redis(Path(tmp) / "redis", unix_socket=False)
+        try:
+            for procs in (1, 4):
+                row = {}
+                for mode in ("bare", "admit", "touch"):
+                    url = f"{server.url}"
+                    server_flush(url)
+                    row[f"{mode}_per_s"] = round(_run_procs(f"redis-{mode}", url, procs, n))
+                row["admit_ratio"] = ratio_of(row["admit_per_s"], row["bare_per_s"])
+                row["touch_ratio"] = ratio_of(row["touch_per_s"], row["bare_per_s"])
+                out[f"redis_{procs}_process{'es' if procs > 1 else ''}"] = row
+        finally:
+            server.stop()
+    out["baselines"] = {
+        "sqlite": "one bare INSERT transaction (BEGIN IMMEDIATE; INSERT; COMMIT) per op, WAL",
+        "redis": "INCRBY in pipelines of 100 (redis-py, hiredis)",
+    }
     out["target"] = "admissions >= 5000/s aggregate across 4 processes"
     return out
+
+
+def server_flush(url: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    r.close()
 
 
 def ratio_of(value: float, baseline: float) -> float | None:

@@ -371,6 +371,7 @@ class RedisAccounting(Accounting):
         self._touch_task: asyncio.Task[None] | None = None
         self._snapshot: Snapshot | None = None
         self._scripts: dict[str, Any] = {}
+        self._registered: set[str] = set()
         self._closed = False
 
     def describe(self) -> str:
@@ -438,9 +439,11 @@ class RedisAccounting(Accounting):
             raise StorageError(f"redis accounting: {exc}") from exc
 
     async def _register(self, salts: Iterable[str]) -> None:
-        names = [s.encode("utf-8").hex() for s in salts]
-        if names:
-            await self._redis("sadd", self._salts_key, *names)
+        """List salts for reports (once per salt and process: a set that only grows)."""
+        new = [s for s in salts if s not in self._registered]
+        if new:
+            await self._redis("sadd", self._salts_key, *(s.encode("utf-8").hex() for s in new))
+            self._registered.update(new)
 
     async def _all_salts(self) -> list[str]:
         raw = await self._redis("smembers", self._salts_key)
