@@ -208,6 +208,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _accounted(args: argparse.Namespace) -> dict[str, tuple[int, int]] | None:
+    """Usage per salt as a shared accounting holds it (what quotas are enforced on)."""
+    from flexkv_store.store import accounting_for
+
+    acct = accounting_for(_store_config(args))
+    if not acct.shared:
+        return None
+    await acct.open()
+    try:
+        snap = await acct.report()
+    finally:
+        await acct.close()
+    return {
+        r.salt or "_default": (r.used.objects, r.used.nbytes)
+        for r in snap.salts
+        if r.used.objects and (args.salt is None or r.salt == args.salt)
+    }
+
+
 def cmd_du(args: argparse.Namespace) -> int:
     rows = asyncio.run(_scan(args))
     totals: dict[tuple[str, str, str], list[int]] = {}
@@ -217,6 +236,10 @@ def cmd_du(args: argparse.Namespace) -> int:
         )
         t[0] += 1
         t[1] += info.size
+    # With a shared accounting, also what it holds per salt (all models), beside the scan.
+    accounted = asyncio.run(_accounted(args)) if args.model is None else None
+    for salt, (objects, nbytes) in (accounted or {}).items():
+        totals[("accounting", "*", salt)] = [objects, nbytes]
     if args.json:
         _emit_json(
             [
@@ -232,8 +255,9 @@ def cmd_du(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col in ("objects", "bytes") else "left")
     for (b, m, s), (o, n) in sorted(totals.items()):
         table.add_row(b, m, s, str(o), _human(n))
-    table.add_row("", "", "total", str(sum(o for o, _ in totals.values())),
-                  _human(sum(n for _, n in totals.values())), style="bold")  # fmt: skip
+    scanned = [v for (b, _, _), v in totals.items() if b != "accounting"]
+    table.add_row("", "", "total", str(sum(o for o, _ in scanned)),
+                  _human(sum(n for _, n in scanned)), style="bold")  # fmt: skip
     _console().print(table)
     return EXIT_OK
 

@@ -990,12 +990,27 @@ class Store:
                 await self._promote([(key, bytes(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
-        if answered == len(self.backends) and self.accounting.known(key):
-            # (only the local accounting: a shared one cannot tell a lost object from one
-            # another process is writing; reconcile settles it there)
+        if answered == len(self.backends) and self.accounting.known(key) is not False:
             self._gens.hold(stamp)
             self._background(self._forget_later([key], stamp))
         return None
+
+    async def _forget_shared(self, keys: list[ObjectKey], stamp: int) -> list[ObjectKey]:
+        """The shared-accounting form: another process may be writing the key, so take the
+        committed entries' versions, ask the backends again, and forget only entries whose
+        version is still the one seen before that second miss (a write in between changes
+        it; a write still in flight is pending, and pending entries are not taken)."""
+        acct = self.accounting
+        versions = await acct.committed_versions(
+            [k for k in keys if self._gens.unchanged(k, stamp) and k not in self._suspects.orphans]
+        )
+        if not versions:
+            return []
+        ask = list(versions)
+        answered = await self._exists_many(ask)
+        lost = [k for k, n in zip(ask, answered, strict=True) if n == len(self.backends)]
+        await acct.abandon([Admission(k, 0, None, [], versions[k]) for k in lost])
+        return lost
 
     async def _forget_later(self, keys: list[ObjectKey], stamp: int) -> None:
         """Drop from the accounting keys that every backend answered as absent.
@@ -1006,13 +1021,16 @@ class Store:
         """
         try:
             async with self._write_lock(k.cache_salt for k in keys):
-                tracked = await self.accounting.contains(keys)
-                gone = [
-                    k
-                    for k, ok in zip(keys, tracked, strict=True)
-                    if ok and self._gens.unchanged(k, stamp) and k not in self._suspects.orphans
-                ]
-                await self.accounting.remove(gone)
+                if self.accounting.shared:
+                    gone = await self._forget_shared(keys, stamp)
+                else:
+                    tracked = await self.accounting.contains(keys)
+                    gone = [
+                        k
+                        for k, ok in zip(keys, tracked, strict=True)
+                        if ok and self._gens.unchanged(k, stamp) and k not in self._suspects.orphans
+                    ]
+                    await self.accounting.remove(gone)
                 if gone:
                     log.info("forgot %d object(s) that no backend holds any more", len(gone))
                     self._notify("missing", gone)
@@ -1069,7 +1087,7 @@ class Store:
         lost = [
             k
             for k, n in zip(keys, answered, strict=True)
-            if n == len(self.backends) and self.accounting.known(k)
+            if n == len(self.backends) and self.accounting.known(k) is not False
         ]
         if lost:
             self._gens.hold(stamp)

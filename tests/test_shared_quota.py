@@ -225,6 +225,15 @@ def test_fsck_reconciles_a_killed_writers_admissions(
     assert main(["fsck", "--config", str(path), "--repair", "--json"]) == 0
     repaired = json.loads(capsys.readouterr().out)[-1]["accounting"]
     assert repaired["pending"] == 0 and repaired["unaccounted"] == 0
+    # du shows the accounting's usage per salt beside the scan's: now equal
+    assert main(["du", "--config", str(path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    scanned: dict[str, int] = {}
+    for r in rows:
+        if r["backend"] != "accounting":
+            scanned[r["cache_salt"]] = scanned.get(r["cache_salt"], 0) + r["bytes"]
+    accounted = {r["cache_salt"]: r["bytes"] for r in rows if r["backend"] == "accounting"}
+    assert accounted == scanned and accounted
 
     async def check() -> None:
         async with open_store(config) as store:  # no reconcile on open: fsck did it
@@ -232,3 +241,41 @@ def test_fsck_reconciles_a_killed_writers_admissions(
             assert dict(await store.accounting.lru_order()) == found
 
     asyncio.run(check())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_lost_objects_are_forgotten_but_never_a_write_in_flight(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A shared accounting forgets an object every backend lost (a read that misses), but
+    not one another process admitted and is still writing."""
+    from flexkv_store.keyformat import ObjectKey
+
+    if kind == "sqlite":
+        config = _config(tmp_path)
+    else:
+        from servers import unique_prefix
+
+        server = request.getfixturevalue("redis_server")
+        config = {
+            "backend": f"fs://{tmp_path / 'kv'}",
+            "quota": {"accounting": f"{server.url}?key_prefix={unique_prefix()}", "quotas": QUOTAS},
+        }
+
+    async def go() -> None:
+        lost = ObjectKey("m", 0, b"\x01", "alice")
+        busy = ObjectKey("m", 0, b"\x02", "alice")
+        async with open_store(config) as a, open_store(config) as b:
+            await a.put_many([(lost, b"x" * 100), (busy, b"y" * 100)])
+            for key in (lost, busy):
+                await a.backends[0].delete(key)  # lost behind the store's back
+            # another process starts writing `busy` again: admitted, not written yet
+            pending = await b.accounting.admit([(busy, 100)], each=False)
+            assert await a.get_into(lost, bytearray(200)) is None
+            assert await a.get_into(busy, bytearray(200)) is None
+            await a.wait_idle()
+            assert await a.accounting.contains([lost, busy]) == [False, True]
+            await b.accounting.commit(pending.admissions)
+            assert (await a.accounting.usage("alice")).nbytes == 100
+
+    asyncio.run(go())

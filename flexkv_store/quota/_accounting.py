@@ -243,6 +243,12 @@ class Accounting(ABC):
     async def lru_order(self, salt: str | None = None) -> list[Victim]:
         """``(key, size)`` from least to most recently used: one salt's, or all."""
 
+    @abstractmethod
+    async def committed_versions(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int]:
+        """The admission versions of those of ``keys`` whose entries are committed (not
+        pending). :meth:`abandon` of an admission with such a version removes the entry
+        only if no write changed it since."""
+
     async def lru_order_of(self, keys: Sequence[ObjectKey]) -> list[Victim]:
         """``(key, size)`` of those of ``keys`` that are accounted."""
         wanted = set(keys)

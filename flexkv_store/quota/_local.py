@@ -163,6 +163,10 @@ class LocalAccounting(Accounting):
             if self.lru._global.get(adm.key) == adm._version:
                 self.lru.remove(adm.key)
 
+    async def committed_versions(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int]:
+        order = self.lru._global
+        return {k: order[k] for k in keys if k in order}
+
     async def remove(self, keys: Sequence[ObjectKey], *, pending_too: bool = False) -> None:
         for key in keys:
             self.lru.remove(key)

@@ -693,6 +693,18 @@ class RedisAccounting(Accounting):
             victims += self._victims(await self._call("capacity", "", [str(self._capacity)]))[0]
         return victims
 
+    async def committed_versions(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int]:
+        out: dict[ObjectKey, int] = {}
+        for k in keys:
+            names = self._keys(k.cache_salt)
+            wire = k.to_wire()
+            if await self._redis("hexists", names[1], wire):
+                continue  # pending: another write is in flight
+            version = await self._redis("hget", names[3], wire)
+            if version is not None:
+                out[k] = int(version)
+        return out
+
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         out = []
         for k in keys:

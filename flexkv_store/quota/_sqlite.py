@@ -652,6 +652,20 @@ class SqliteAccounting(Accounting):
 
         return await self._run(read)
 
+    async def committed_versions(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int]:
+        def read() -> dict[ObjectKey, int]:
+            assert self._db is not None
+            out: dict[ObjectKey, int] = {}
+            for k in keys:
+                row = self._db.execute(
+                    "SELECT version FROM objects WHERE key = ? AND owner IS NULL", (k.to_wire(),)
+                ).fetchone()
+                if row is not None:
+                    out[k] = int(row[0])
+            return out
+
+        return await self._run(read)
+
     async def lru_order_of(self, keys: Sequence[ObjectKey]) -> list[Victim]:
         wires = [k.to_wire() for k in keys]
 
