@@ -7,6 +7,7 @@ imports need); under ``CI=true`` a missing vLLM fails instead of skipping.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -245,6 +246,41 @@ def test_quota_eviction_per_salt_is_a_storage_removal_event(backend: dict[str, A
         assert t.load(t.request("carol"), list(carol)) == dict.fromkeys(carol)
     finally:
         t.close()
+
+
+def test_two_replicas_share_one_quota_through_the_shared_accounting(tmp_path: Path) -> None:
+    """Two engines (two vLLM managers, as data-parallel ranks) over one directory with
+    quota.accounting: sqlite: one hard quota for both, and each finds the other's chunks."""
+    cfg = {
+        "backend": f"fs://{tmp_path / 'kv'}",
+        "quota": {"accounting": "sqlite", "quotas": {"alice": 3 * ROW}},
+    }
+    a = Tiering(offloading_config([tier_entry(config=cfg)]))
+    b = Tiering(offloading_config([tier_entry(config=cfg)]))
+    try:
+        first = _rows(random_keys(2))
+        a.store(a.request("alice"), first)
+        found = b.load(b.request("alice"), list(first))  # written by the other replica
+        assert found == first
+        b.store(b.request("alice"), _rows(random_keys(2)))  # 4 rows > quota of 3
+        used = asyncio.run(_usage(tmp_path))
+        assert used == 3 * ROW
+        removed = [k for e in b.storage_events() if e.removed for k in e.keys]
+        assert removed == [list(first)[0]]  # b evicted a's oldest: one LRU for both
+    finally:
+        a.close()
+        b.close()
+
+
+async def _usage(tmp_path: Path) -> int:
+    from flexkv_store.quota._sqlite import SqliteAccounting
+
+    acct = SqliteAccounting(tmp_path / "kv" / "flexkv-accounting.sqlite")
+    await acct.open()
+    try:
+        return (await acct.usage("alice")).nbytes
+    finally:
+        await acct.close()
 
 
 def test_quota_refusal_fails_only_those_keys(tmp_path: Path) -> None:

@@ -584,7 +584,15 @@ class FlexKVStoreTier(SecondaryTierManager):
         tenant's quota, a salt our keys refuse) is that tenant's outcome, not the tier's
         health, and vLLM would count it towards backpressure for every tenant."""
         start = time.perf_counter()
-        todo = [item for item in items if not self.store.accounting.known(item[1])]
+        acct = self.store.accounting
+        if acct.shared:  # a replica may have stored them: ask the shared accounting
+            try:
+                held = await acct.contains([o for _, o, _ in items])
+            except Exception:  # unknown: write them (a put of a present key is harmless)
+                held = [False] * len(items)
+        else:
+            held = [bool(acct.known(o)) for _, o, _ in items]
+        todo = [item for item, h in zip(items, held, strict=True) if not h]
         written: list[OffloadKey] = []
         failed: list[Exception] = []
         refused: list[Exception] = []
