@@ -266,7 +266,7 @@ def test_two_replicas_share_one_quota_through_the_shared_accounting(tmp_path: Pa
         used = asyncio.run(_usage(tmp_path))
         assert used == 3 * ROW
         removed = [k for e in b.storage_events() if e.removed for k in e.keys]
-        assert removed == [list(first)[0]]  # b evicted a's oldest: one LRU for both
+        assert removed == [next(iter(first))]  # b evicted a's oldest: one LRU for both
     finally:
         a.close()
         b.close()
