@@ -204,14 +204,19 @@ class Store:
             if self._closed:
                 raise StoreClosedError("this store is closed")
             await self.accounting.open()
-            victims = await self.quota.load(self._initial_quotas)
-            if self._rebuild and (
-                not self.accounting.shared or self._reconcile or await self.accounting.is_empty()
-            ):
-                victims += await self._rebuild_accounting()
-            await settle(self._evict(victims))
+            await settle(self._load_and_rebuild())
             self._opened = True
         return self
+
+    async def _load_and_rebuild(self) -> None:
+        """Quotas, the rebuild and the evictions they choose, as one settled step (victims
+        leave a shared accounting at once; they must be deleted even if open is cancelled)."""
+        victims = await self.quota.load(self._initial_quotas)
+        if self._rebuild and (
+            not self.accounting.shared or self._reconcile or await self.accounting.is_empty()
+        ):
+            victims += await self._rebuild_accounting()
+        await self._evict(victims)
 
     async def _rebuild_accounting(self) -> list[Victim]:
         found: dict[ObjectKey, ObjectInfo] = {}
@@ -473,7 +478,8 @@ class Store:
             raise
         refused: dict[ObjectKey, list[Exception]] = {}
         for key, why in admitted.refused.items():
-            self._count_refusal(why)
+            if isinstance(why, QuotaExceededError):
+                self._count_refusal(why)
             refused[key] = [why]
         admissions = admitted.admissions
         if not admissions:

@@ -296,6 +296,10 @@ def start_redis_cluster(directory: Path, n_nodes: int = 3) -> RedisCluster:
                         str(node_dir / "nodes.conf"),
                         "--cluster-node-timeout",
                         "2000",
+                        # The bus port defaults to port + 10000, past 65535 for the upper
+                        # quarter of the ephemeral range: the node would not start.
+                        "--cluster-port",
+                        str(free_port()),
                     ],
                 )
             )

@@ -36,7 +36,7 @@ REDIS_SAMPLER = textwrap.dedent(
     worst, samples = {}, 0
     while not os.path.exists(stop):
         for salt, quota in quotas.items():
-            used = r.hget(f"{prefix}acct:{{{salt.encode().hex()}}}:st", "used")
+            used = r.hget(f"{prefix}acct:{{s:{salt.encode().hex()}}}:st", "used")
             if used is not None:
                 worst[salt] = max(worst.get(salt, 0), int(used) / quota)
         samples += 1

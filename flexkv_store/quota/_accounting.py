@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from flexkv_store.errors import QuotaExceededError
 from flexkv_store.keyformat import ObjectKey
 from flexkv_store.quota._userlru import Admission, Tally, Victim
 
@@ -52,14 +51,15 @@ class Admitted:
     """What :meth:`Accounting.admit` decided for a batch.
 
     ``admissions`` are the items to write (in batch order); ``refused`` the items that are
-    not written: each alone exceeds its quota, or (``each`` mode) a later item of the same
-    batch evicted it. ``victims`` left the accounting and must be deleted from the backends;
-    ``never_stored`` are victims that only this batch had admitted (nothing to delete, no
-    event to report).
+    not written, with why: each alone exceeds its quota or a later item of the same batch
+    evicted it (:class:`QuotaExceededError`), or another process is writing that key
+    (:class:`StorageError`; that write settles it). ``victims`` left the accounting and
+    must be deleted from the backends; ``never_stored`` are victims that only this batch
+    had admitted (nothing to delete, no event to report).
     """
 
     admissions: list[Admission] = field(default_factory=list)
-    refused: dict[ObjectKey, QuotaExceededError] = field(default_factory=dict)
+    refused: dict[ObjectKey, Exception] = field(default_factory=dict)
     victims: list[Victim] = field(default_factory=list)
     never_stored: set[ObjectKey] = field(default_factory=set)
 
@@ -276,8 +276,8 @@ class Accounting(ABC):
         """Whether no object is accounted (a fresh shared state, rebuilt from ``scan``)."""
 
     @abstractmethod
-    async def pending(self) -> list[tuple[ObjectKey, int, str, float]]:
-        """Admissions not committed yet: ``(key, size, owner, admitted_at)``."""
+    async def pending(self) -> list[tuple[ObjectKey, int, str, float, int]]:
+        """Admissions not committed yet: ``(key, size, owner, admitted_at, version)``."""
 
     async def reconcile(
         self, present: Mapping[ObjectKey, int], *, older_than: float
@@ -289,24 +289,26 @@ class Accounting(ABC):
         Never deletes an object."""
         now = time.time()
         done: list[Admission] = []
-        gone: list[ObjectKey] = []
-        for key, _size, owner, at in await self.pending():
+        stale: list[Admission] = []
+        for key, _size, owner, at, version in await self.pending():
             if now - at < older_than and not owner_is_dead(owner):
                 continue
+            # Versioned: an entry a live writer replaced since is left to that writer.
             if key in present:
-                done.append(Admission(key, present[key], None, [], -1))
+                done.append(Admission(key, present[key], None, [], version))
             else:
-                gone.append(key)
+                stale.append(Admission(key, 0, None, [], version))
         if done:
             await self.commit_any(done)
-        if gone:
-            await self.remove(gone, pending_too=True)
+        if stale:
+            await self.abandon(stale)
         known = await self.contains(list(present))
         missing = [(k, n) for (k, n), ok in zip(present.items(), known, strict=True) if not ok]
         if missing:
             await self.record(missing)
-        return len(done), len(gone)
+        return len(done), len(stale)
 
     async def commit_any(self, admissions: Sequence[Admission]) -> None:
-        """Commit pending entries whatever admission made them (reconcile's use)."""
+        """Commit pending entries of these versions whoever admitted them, at the sizes
+        given (reconcile's use: the size found stored)."""
         await self.commit(admissions)

@@ -231,5 +231,5 @@ class LocalAccounting(Accounting):
     async def is_empty(self) -> bool:
         return len(self.lru) == 0
 
-    async def pending(self) -> list[tuple[ObjectKey, int, str, float]]:
+    async def pending(self) -> list[tuple[ObjectKey, int, str, float, int]]:
         return []

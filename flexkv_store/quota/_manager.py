@@ -159,13 +159,19 @@ class QuotaManager:
     async def set_quota(self, salt: str, limit_bytes: int) -> Tally:
         """Set ``salt``'s run-time quota; returns what it evicted (bytes, objects)."""
         salt = api_salt(salt)
-        async with self._lock():
+
+        async def change() -> Tally:
             victims = await self.accounting.set_quota(salt, limit_bytes)
             try:
                 await self._persist()
             finally:
                 tally = await self._carry_out(victims)  # they already left the accounting
-        return tally
+            return tally
+
+        async with self._lock():
+            # Whole under settle: a cancelled caller must not leave victims that left the
+            # accounting (a shared one commits in its own thread/server) undeleted.
+            return await settle(change())
 
     def get_quota(self, salt: str) -> int | None:
         """``salt``'s own quota in bytes (run-time or config), or ``None``."""
@@ -176,26 +182,36 @@ class QuotaManager:
         """Remove ``salt``'s run-time quota (it falls back to its config quota, else the
         default); whether one was set."""
         salt = api_salt(salt)
-        async with self._lock():
+
+        async def change() -> bool:
             existed, victims = await self.accounting.delete_quota(salt)
             try:
                 if existed:
                     await self._persist()
             finally:
                 await self._carry_out(victims)
-        return existed
+            return existed
+
+        async with self._lock():
+            return await settle(change())
 
     async def set_default_quota(self, limit_bytes: int | None) -> Tally:
         """Change the default quota (None = unlimited, 0 = allowlist); evicts at once."""
+
+        async def change() -> Tally:
+            return await self._carry_out(await self.accounting.set_default_quota(limit_bytes))
+
         async with self._lock():
-            victims = await self.accounting.set_default_quota(limit_bytes)
-            return await self._carry_out(victims)
+            return await settle(change())
 
     async def set_capacity(self, limit_bytes: int | None) -> Tally:
         """Change the global capacity; evicts in global LRU order at once."""
+
+        async def change() -> Tally:
+            return await self._carry_out(await self.accounting.set_capacity(limit_bytes))
+
         async with self._lock():
-            victims = await self.accounting.set_capacity(limit_bytes)
-            return await self._carry_out(victims)
+            return await settle(change())
 
     def info(self, salt: str) -> QuotaInfo:
         """Quota and usage of one salt (a shared accounting: as of the last refresh)."""

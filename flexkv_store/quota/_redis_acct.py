@@ -1,6 +1,6 @@
 """``quota.accounting: redis://...``: the accounting in Redis, shared by many nodes.
 
-Each salt's state lives under one hash tag, ``{key_prefix}acct:{<salt hex>}:...``, so a
+Each salt's state lives under one hash tag, ``{key_prefix}acct:{s:<salt hex>}:...``, so a
 salt is one Redis Cluster slot and every change of it is one Lua script, atomic: the quota
 check, the choice of victims, their removal and the new entries of an admission happen in
 one step. Per salt:
@@ -130,7 +130,7 @@ local function shrink_global(budget, out)
     local first = redis.call('ZRANGE', gz, 0, 0)
     if #first == 0 then return false end
     local wire = first[1]
-    local base = prefix .. 'acct:{' .. hex(salt_of(wire)) .. '}:'
+    local base = prefix .. 'acct:{s:' .. hex(salt_of(wire)) .. '}:'
     local saved = {z, p, s, v, st}
     z, p, s, v, st = base .. 'z', base .. 'p', base .. 's', base .. 'v', base .. 'st'
     local size = drop(wire)
@@ -156,19 +156,25 @@ local out = {}
 local pend_other = field('pend')
 local gpend = 0
 if gt then gpend = num(redis.call('HGET', gt, 'pend')) or 0 end
+local function int(x) if x == nil then return '' end return string.format('%.0f', x) end
 for _, it in ipairs(items) do
   local wire, size = it[1], it[2]
   local mine = 0
-  if redis.call('HEXISTS', p, wire) == 1 then mine = num(redis.call('HGET', s, wire)) or 0 end
+  local pend = redis.call('HGET', p, wire)
   local why, bound = nil, nil
-  if refuses(size, limit) then why, bound = 'alone', limit
+  if pend then
+    mine = num(redis.call('HGET', s, wire)) or 0
+    if string.sub(pend, 1, #owner + 1) ~= owner .. '\t' then why, bound = 'elsewhere', 0 end
+  end
+  if why then
+  elseif refuses(size, limit) then why, bound = 'alone', limit
   elseif refuses(size, cap) then why, bound = 'alone', cap
   elseif limit ~= nil and size + pend_other - mine > limit then why, bound = 'inflight', limit
   elseif cap ~= nil and size + gpend - mine > cap then why, bound = 'inflight', cap end
   if why then
-    if not each then return {'X', wire, why, tostring(bound)} end
+    if not each then return {'X', wire, why, int(bound)} end
     it.refused = true
-    out[#out + 1] = 'R'; out[#out + 1] = wire; out[#out + 1] = why; out[#out + 1] = tostring(bound)
+    out[#out + 1] = 'R'; out[#out + 1] = wire; out[#out + 1] = why; out[#out + 1] = int(bound)
   end
 end
 local t = now()
@@ -214,19 +220,25 @@ return out
 """
 )
 
-# ARGV: prefix, then wire, version (-1: any)... Pending entries become committed.
+# ARGV: prefix, then wire, version, size ('' keeps the admitted one)...: pending entries of
+# that version become committed (at the size given: reconcile's size found stored).
 _COMMIT = (
     _LIB
     + r"""
 local t = now()
 local done = 0
-for i = 2, #ARGV, 2 do
-  local wire, version = ARGV[i], ARGV[i + 1]
-  if redis.call('HEXISTS', p, wire) == 1 and (version == '-1' or redis.call('HGET', v, wire) == version) then
+for i = 2, #ARGV, 3 do
+  local wire, version, fix = ARGV[i], ARGV[i + 1], num(ARGV[i + 2])
+  if redis.call('HEXISTS', p, wire) == 1 and redis.call('HGET', v, wire) == version then
     local size = num(redis.call('HGET', s, wire))
     redis.call('HDEL', p, wire)
     redis.call('HINCRBY', st, 'pend', 0 - size)
     gbump('pend', 0 - size)
+    if fix ~= nil and fix ~= size then
+      redis.call('HSET', s, wire, fix)
+      redis.call('HINCRBY', st, 'used', fix - size)
+      gbump('bytes', fix - size)
+    end
     redis.call('ZADD', z, t, wire)
     if gz then redis.call('ZADD', gz, t, wire) end
     done = done + 1
@@ -321,6 +333,20 @@ return out
 """
 )
 
+# ARGV: prefix, then wire...: the version of each committed entry ('' when pending or absent)
+_VERSIONS = (
+    _LIB
+    + r"""
+local out = {}
+for i = 2, #ARGV do
+  local wire = ARGV[i]
+  if redis.call('HEXISTS', p, wire) == 1 then out[#out + 1] = ''
+  else out[#out + 1] = redis.call('HGET', v, wire) or '' end
+end
+return out
+"""
+)
+
 # ARGV: prefix, then wire...: hits
 _TOUCH = (
     _LIB
@@ -336,7 +362,9 @@ return #ARGV - 1
 
 
 def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+    # host:pid first (reconcile tells a dead writer by them); the rest tells apart two
+    # accountings of one process.
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{os.urandom(3).hex()}"
 
 
 class RedisAccounting(Accounting):
@@ -392,6 +420,7 @@ class RedisAccounting(Accounting):
             ("limit", _LIMIT),
             ("capacity", _CAPACITY),
             ("touch", _TOUCH),
+            ("versions", _VERSIONS),
         ):
             self._scripts[name] = self._client.register_script(body)
         self._touch_task = asyncio.get_running_loop().create_task(self._touch_loop())
@@ -412,7 +441,8 @@ class RedisAccounting(Accounting):
             await self._adapter.aclose()
 
     def _keys(self, salt: str) -> list[str]:
-        base = f"{self._prefix}acct:{{{salt.encode('utf-8').hex()}}}:"
+        # "s:" keeps the tag non-empty for the empty salt ("{}" is no hash tag at all)
+        base = f"{self._prefix}acct:{{s:{salt.encode('utf-8').hex()}}}:"
         keys = [base + x for x in ("z", "p", "s", "v", "st", "n")]
         if not self.config.cluster:
             keys += [f"{self._prefix}acct:g:z", f"{self._prefix}acct:g:t"]
@@ -570,7 +600,11 @@ class RedisAccounting(Accounting):
             ]
             for key in keys:
                 args += [key.to_wire(), batch[key]]
-            reply = await self._call("admit", salt, args)
+            try:
+                reply = await self._call("admit", salt, args)
+            except BaseException:
+                await self._undo_partial(out)
+                raise
             items_s = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
             if items_s and items_s[0] == "X":
                 # Refused before any change; undo what earlier salts of this batch did.
@@ -611,8 +645,12 @@ class RedisAccounting(Accounting):
         return out
 
     @staticmethod
-    def _refusal(key: ObjectKey, size: int, why: str, bound: str) -> QuotaExceededError:
-        limit = int(bound) if bound not in ("", "nil") else 0
+    def _refusal(key: ObjectKey, size: int, why: str, bound: str) -> Exception:
+        limit = int(float(bound)) if bound not in ("", "nil") else 0
+        if why == "elsewhere":
+            return StorageError(
+                f"{key.to_wire()} is being written by another process (its write settles it)"
+            )
         if why == "inflight":
             return QuotaExceededError(
                 key.cache_salt,
@@ -623,24 +661,24 @@ class RedisAccounting(Accounting):
         return QuotaExceededError(key.cache_salt, size, limit)
 
     async def _undo_partial(self, out: Admitted) -> None:
+        """Undo the salts of a batch already admitted when a later salt is refused or
+        fails: their admissions go, their victims (not deleted yet) come back."""
         await self.abandon(out.admissions)
-        await self.record(out.victims)  # not deleted yet: still stored
+        await self.record([v for v in out.victims if v[0] not in out.never_stored])
 
     async def commit(self, admissions: Sequence[Admission]) -> None:
         for salt, group in _by_salt(admissions).items():
             args: list[Any] = []
             for a in group:
-                args += [a.key.to_wire(), a._version]
+                args += [a.key.to_wire(), a._version, ""]
             await self._call("commit", salt, args)
 
     async def commit_any(self, admissions: Sequence[Admission]) -> None:
         for salt, group in _by_salt(admissions).items():
             args: list[Any] = []
-            for a in group:
-                args += [a.key.to_wire(), -1]
+            for a in group:  # only the entry reconcile saw, at the size found stored
+                args += [a.key.to_wire(), a._version, a.size]
             await self._call("commit", salt, args)
-            # at the size found stored
-            await self._call("record", salt, [x for a in group for x in (a.key.to_wire(), a.size)])
 
     async def rollback(self, admissions: Sequence[Admission]) -> list[Victim]:
         victims: list[Victim] = []
@@ -695,14 +733,23 @@ class RedisAccounting(Accounting):
 
     async def committed_versions(self, keys: Sequence[ObjectKey]) -> dict[ObjectKey, int]:
         out: dict[ObjectKey, int] = {}
+        groups: dict[str, list[ObjectKey]] = {}
         for k in keys:
-            names = self._keys(k.cache_salt)
-            wire = k.to_wire()
-            if await self._redis("hexists", names[1], wire):
-                continue  # pending: another write is in flight
-            version = await self._redis("hget", names[3], wire)
-            if version is not None:
-                out[k] = int(version)
+            groups.setdefault(k.cache_salt, []).append(k)
+        for salt, group in groups.items():
+            reply = await self._call("versions", salt, [k.to_wire() for k in group])
+            for k, version in zip(group, reply, strict=True):
+                text = version.decode() if isinstance(version, bytes) else str(version)
+                if text:  # '' = pending (a write in flight) or gone
+                    out[k] = int(text)
+        return out
+
+    async def lru_order_of(self, keys: Sequence[ObjectKey]) -> list[Victim]:
+        out: list[Victim] = []
+        for k in keys:
+            size = await self._redis("hget", self._keys(k.cache_salt)[2], k.to_wire())
+            if size is not None:
+                out.append((k, int(size)))
         return out
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
@@ -716,10 +763,18 @@ class RedisAccounting(Accounting):
             self._touched[key] = None
 
     async def _touch_loop(self) -> None:
+        last_listed = time.monotonic()
         while True:
             await asyncio.sleep(self._touch_interval)
             try:
                 await self.flush()
+                if time.monotonic() - last_listed > 10 and self._registered:
+                    # the list of salts is lost with the server's data (a restart without
+                    # persistence, a failover): list ours again now and then
+                    await self._redis(
+                        "sadd", self._salts_key, *(s.encode().hex() for s in self._registered)
+                    )
+                    last_listed = time.monotonic()
             except Exception:  # a touch is a hint: the next batch carries on
                 pass
 
@@ -795,7 +850,7 @@ class RedisAccounting(Accounting):
                 return False
         return True
 
-    async def pending(self) -> list[tuple[ObjectKey, int, str, float]]:
+    async def pending(self) -> list[tuple[ObjectKey, int, str, float, int]]:
         out = []
         for salt in await self._all_salts():
             keys = self._keys(salt)
@@ -805,7 +860,16 @@ class RedisAccounting(Accounting):
                 text = val.decode() if isinstance(val, bytes) else val
                 owner, _, at = text.partition("\t")
                 size = await self._redis("hget", keys[2], wire)
-                out.append((ObjectKey.from_wire(wire), int(size or 0), owner, float(at or 0)))
+                version = await self._redis("hget", keys[3], wire)
+                out.append(
+                    (
+                        ObjectKey.from_wire(wire),
+                        int(size or 0),
+                        owner,
+                        float(at or 0),
+                        int(version or -2),
+                    )
+                )
         return out
 
 

@@ -70,7 +70,9 @@ def _refuses(size: int, limit: int | None) -> bool:
 
 
 def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+    # host:pid first (reconcile tells a dead writer by them); the rest tells apart two
+    # accountings of one process.
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{os.urandom(3).hex()}"
 
 
 class SqliteAccounting(Accounting):
@@ -364,17 +366,54 @@ class SqliteAccounting(Accounting):
         out = Admitted()
         cap = self._capacity
         limits: dict[str, int | None] = {}
+        pend: dict[str, int] = {}
+        gpend = (
+            int(
+                db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM objects WHERE owner IS NOT NULL"
+                ).fetchone()[0]
+            )
+            if cap is not None
+            else 0
+        )
+        # Every check before any change (as the Redis script does): a refused item must
+        # leave its key's previous entry and the other objects alone.
         for key, size in batch.items():
             salt = key.cache_salt
             if salt not in limits:
                 limits[salt] = self._limit(db, salt)[0]
+                pend[salt] = int(
+                    db.execute(
+                        "SELECT COALESCE(SUM(size), 0) FROM objects "
+                        "WHERE salt = ? AND owner IS NOT NULL",
+                        (salt,),
+                    ).fetchone()[0]
+                )
+            row = db.execute(
+                "SELECT size, owner FROM objects WHERE key = ?", (key.to_wire(),)
+            ).fetchone()
+            mine = int(row[0]) if row is not None and row[1] is not None else 0
+            exc: Exception | None = None
+            if row is not None and row[1] is not None and row[1] != self._owner:
+                exc = StorageError(
+                    f"{key.to_wire()} is being written by another process (its write settles it)"
+                )
             for bound in (limits[salt], cap):
-                if _refuses(size, bound):
+                if exc is None and _refuses(size, bound):
                     assert bound is not None
                     exc = QuotaExceededError(salt, size, bound)
-                    if not each:
-                        raise exc
-                    out.refused[key] = exc
+            for bound, pending in ((limits[salt], pend[salt]), (cap, gpend)):
+                if exc is None and bound is not None and size + pending - mine > bound:
+                    exc = QuotaExceededError(
+                        salt,
+                        size,
+                        bound,
+                        detail="the quota is taken by writes in flight in other processes",
+                    )
+            if exc is not None:
+                if not each:
+                    raise exc
+                out.refused[key] = exc
         since = self._meta(db, "clock") + 1  # versions of this transaction start here
         now = time.time()
         admitted: dict[ObjectKey, Admission] = {}
@@ -446,13 +485,15 @@ class SqliteAccounting(Accounting):
 
     async def commit_any(self, admissions: Sequence[Admission]) -> None:
         """Commit pending entries whoever admitted them, at the size found stored."""
-        rows = [(a.key.to_wire(), a.key.cache_salt, a.size) for a in admissions]
+        rows = [(a.key.to_wire(), a.key.cache_salt, a.size, a._version) for a in admissions]
 
         def change(db: sqlite3.Connection) -> None:
-            for wire, salt, size in rows:
-                row = db.execute("SELECT size FROM objects WHERE key = ?", (wire,)).fetchone()
+            for wire, salt, size, version in rows:
+                row = db.execute(
+                    "SELECT size FROM objects WHERE key = ? AND version = ?", (wire, version)
+                ).fetchone()
                 if row is None:
-                    continue
+                    continue  # changed since reconcile looked: a live writer settles it
                 db.execute(
                     "UPDATE objects SET owner = NULL, admitted_at = NULL, size = ? WHERE key = ?",
                     (size, wire),
@@ -725,13 +766,14 @@ class SqliteAccounting(Accounting):
 
         return await self._run(read)
 
-    async def pending(self) -> list[tuple[ObjectKey, int, str, float]]:
-        def read() -> list[tuple[ObjectKey, int, str, float]]:
+    async def pending(self) -> list[tuple[ObjectKey, int, str, float, int]]:
+        def read() -> list[tuple[ObjectKey, int, str, float, int]]:
             assert self._db is not None
             return [
-                (ObjectKey.from_wire(k), int(n), str(o), float(at))
-                for k, n, o, at in self._db.execute(
-                    "SELECT key, size, owner, admitted_at FROM objects WHERE owner IS NOT NULL"
+                (ObjectKey.from_wire(k), int(n), str(o), float(at), int(ver))
+                for k, n, o, at, ver in self._db.execute(
+                    "SELECT key, size, owner, admitted_at, version FROM objects "
+                    "WHERE owner IS NOT NULL"
                 )
             ]
 

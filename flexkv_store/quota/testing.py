@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from flexkv_store.errors import QuotaExceededError
+from flexkv_store.errors import QuotaExceededError, StorageError
 from flexkv_store.keyformat import ObjectKey
 from flexkv_store.quota._accounting import Accounting
+from flexkv_store.quota._userlru import Admission
 
 __all__ = ["AccountingTests", "Make", "k"]
 
@@ -170,6 +171,56 @@ class AccountingTests:
         assert by_salt["alice"].limit == 100 and by_salt["alice"].source == "runtime"
         assert by_salt["bob"].used == (7, 1) and by_salt["bob"].source == "default"
         assert snap.total == (7, 1)
+
+    async def test_the_unsalted_tenant(self, make: Make) -> None:
+        """The empty salt is a tenant like any other (its keys must share a slot too)."""
+        acct = await make()
+        await acct.set_quota("", 20)
+        for i in range(3):
+            await put(acct, k(i, ""), 10)
+        assert await acct.usage("") == (20, 2)
+        assert await acct.contains([k(0, ""), k(2, "")]) == [False, True]
+        await acct.remove([k(2, "")])
+        assert await acct.usage("") == (10, 1)
+
+    async def test_a_key_written_elsewhere_is_not_taken_over(self, make: Make) -> None:
+        """Another process's pending entry for the key stays: its write settles it."""
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting has admissions pending elsewhere")
+        other = await make(same_state=True)
+        theirs = await other.admit([(k(1), 10)], each=False)
+        out = await acct.admit([(k(1), 10), (k(2), 10)], each=True)
+        assert set(out.refused) == {k(1)} and isinstance(out.refused[k(1)], StorageError)
+        await acct.commit(out.admissions)
+        await other.commit(theirs.admissions)
+        assert await acct.usage("alice") == (20, 2)
+        assert await acct.pending() == []
+
+    async def test_a_refused_item_leaves_its_previous_entry(self, make: Make) -> None:
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting refuses for writes in flight")
+        other = await make(same_state=True)
+        await acct.set_quota("alice", 100)
+        await put(acct, k(1), 30)
+        await other.admit([(k(2), 60)], each=False)  # in flight elsewhere
+        out = await acct.admit([(k(1), 50)], each=True)  # 50 + 60 pending > 100
+        assert set(out.refused) == {k(1)}
+        assert await acct.contains([k(1)]) == [True]  # the old value is still accounted
+        assert await acct.usage("alice") == (90, 2)
+
+    async def test_reconcile_leaves_an_entry_a_live_writer_replaced(self, make: Make) -> None:
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting keeps pending entries")
+        await acct.admit([(k(1), 10)], each=False)
+        seen = await acct.pending()
+        await acct.abandon([Admission(k(1), 10, None, [], seen[0][4])])
+        fresh = await acct.admit([(k(1), 20)], each=False)  # a live writer, again
+        # a reconcile that looked before the new admission acts on the old version only
+        await acct.commit_any([Admission(k(1), 10, None, [], seen[0][4])])
+        assert [p[4] for p in await acct.pending()] == [fresh.admissions[0]._version]
 
     async def test_pending_admissions_are_never_victims(self, make: Make) -> None:
         """Another process may still be writing them (shared accountings)."""
