@@ -24,6 +24,7 @@ from flexkv_store.config import StoreConfig, load_config
 from flexkv_store.errors import (
     BackendUnavailableError,
     BufferTooSmallError,
+    ConcurrentWriteError,
     ConfigError,
     CorruptObjectError,
     FlexKVStoreError,
@@ -50,6 +51,7 @@ __all__ = [
     "BlockingStore",
     "BufferTooSmallError",
     "Capabilities",
+    "ConcurrentWriteError",
     "ConfigError",
     "CorruptObjectError",
     "FlexKVStoreError",

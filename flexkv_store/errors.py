@@ -11,7 +11,8 @@ engine can catch one type. Backends convert their own exceptions (redis-py, boto
     │   ├── BackendUnavailableError        connection lost / timed out after retries, or the
     │   │                                  adapter's optional dependency is not installed
     │   ├── CorruptObjectError             a framed object failed its header or checksum check
-    │   └── BufferTooSmallError            ``get_into`` target smaller than the object
+    │   ├── BufferTooSmallError            ``get_into`` target smaller than the object
+    │   └── ConcurrentWriteError           another process is writing the key (shared accounting)
     ├── QuotaExceededError                 one object is larger than its salt's quota
     ├── StoreClosedError (RuntimeError)    the store was closed (before or during the call)
     └── ConfigError (ValueError)           a config value is missing, unknown or out of range
@@ -24,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "BufferTooSmallError",
+    "ConcurrentWriteError",
     "ConfigError",
     "CorruptObjectError",
     "FlexKVStoreError",
@@ -63,6 +65,14 @@ class StorageError(FlexKVStoreError):
 
 class BackendUnavailableError(StorageError):
     """The backend cannot be reached (after retries), or its client library is missing."""
+
+
+class ConcurrentWriteError(StorageError):
+    """Another process admitted the same key and is still writing it (a shared accounting).
+
+    Nothing was written here; that process's write settles the key (for KV chunks, the
+    same bytes).
+    """
 
 
 class CorruptObjectError(StorageError):

@@ -72,7 +72,12 @@ from vllm.v1.kv_offload.tiering.base import JobId, JobResult, SecondaryTierManag
 
 from flexkv_store._logs import Throttle
 from flexkv_store.config import _merge, is_loopback_host, load_config, read_config_file
-from flexkv_store.errors import ConfigError, InvalidKeyError, QuotaExceededError
+from flexkv_store.errors import (
+    ConcurrentWriteError,
+    ConfigError,
+    InvalidKeyError,
+    QuotaExceededError,
+)
 from flexkv_store.keyformat import ObjectKey, check_cache_salt
 from flexkv_store.store import Store, open_store
 
@@ -604,8 +609,8 @@ class FlexKVStoreTier(SecondaryTierManager):
             for (key, _, _), outcome in zip(todo, outcomes, strict=True):
                 if outcome is None:
                     written.append(key)
-                elif isinstance(outcome, QuotaExceededError):
-                    refused.append(outcome)
+                elif isinstance(outcome, QuotaExceededError | ConcurrentWriteError):
+                    refused.append(outcome)  # a tenant's quota, or a replica writing it
                 else:
                     failed.append(outcome)
         if failed:

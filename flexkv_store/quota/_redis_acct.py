@@ -34,6 +34,7 @@ from flexkv_store.backends._redis import RedisAdapter
 from flexkv_store.backends.config import RedisConfig
 from flexkv_store.errors import (
     BackendUnavailableError,
+    ConcurrentWriteError,
     ConfigError,
     QuotaExceededError,
     StorageError,
@@ -648,7 +649,7 @@ class RedisAccounting(Accounting):
     def _refusal(key: ObjectKey, size: int, why: str, bound: str) -> Exception:
         limit = int(float(bound)) if bound not in ("", "nil") else 0
         if why == "elsewhere":
-            return StorageError(
+            return ConcurrentWriteError(
                 f"{key.to_wire()} is being written by another process (its write settles it)"
             )
         if why == "inflight":

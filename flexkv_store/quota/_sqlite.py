@@ -27,7 +27,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from flexkv_store.errors import ConfigError, QuotaExceededError, StorageError
+from flexkv_store.errors import (
+    ConcurrentWriteError,
+    ConfigError,
+    QuotaExceededError,
+    StorageError,
+)
 from flexkv_store.keyformat import ObjectKey, check_cache_salt
 from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
 from flexkv_store.quota._local import superseded_error
@@ -395,7 +400,7 @@ class SqliteAccounting(Accounting):
             mine = int(row[0]) if row is not None and row[1] is not None else 0
             exc: Exception | None = None
             if row is not None and row[1] is not None and row[1] != self._owner:
-                exc = StorageError(
+                exc = ConcurrentWriteError(
                     f"{key.to_wire()} is being written by another process (its write settles it)"
                 )
             for bound in (limits[salt], cap):

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from flexkv_store.errors import QuotaExceededError, StorageError
+from flexkv_store.errors import ConcurrentWriteError, QuotaExceededError
 from flexkv_store.keyformat import ObjectKey
 from flexkv_store.quota._accounting import Accounting
 from flexkv_store.quota._userlru import Admission
@@ -191,7 +191,8 @@ class AccountingTests:
         other = await make(same_state=True)
         theirs = await other.admit([(k(1), 10)], each=False)
         out = await acct.admit([(k(1), 10), (k(2), 10)], each=True)
-        assert set(out.refused) == {k(1)} and isinstance(out.refused[k(1)], StorageError)
+        assert set(out.refused) == {k(1)}
+        assert isinstance(out.refused[k(1)], ConcurrentWriteError)
         await acct.commit(out.admissions)
         await other.commit(theirs.admissions)
         assert await acct.usage("alice") == (20, 2)
