@@ -62,11 +62,12 @@ CREATE TABLE IF NOT EXISTS salts (
     evicted_bytes INTEGER NOT NULL DEFAULT 0,
     evicted_objects INTEGER NOT NULL DEFAULT 0,
     runtime_quota INTEGER,
-    config_quota INTEGER
+    config_quota INTEGER,
+    pend INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT OR IGNORE INTO meta VALUES ('clock', 0), ('total_bytes', 0), ('total_objects', 0),
-    ('evicted_bytes', 0), ('evicted_objects', 0), ('format', 1);
+    ('evicted_bytes', 0), ('evicted_objects', 0), ('pend', 0), ('format', 1);
 """
 
 
@@ -125,6 +126,9 @@ class SqliteAccounting(Accounting):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            cols = {r[1] for r in db.execute("PRAGMA table_info(salts)")}
+            if "pend" not in cols:  # a database of an earlier version
+                db.execute("ALTER TABLE salts ADD COLUMN pend INTEGER NOT NULL DEFAULT 0")
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"quota.accounting: cannot open {self.path}: {exc}") from exc
         self._db = db
@@ -201,7 +205,14 @@ class SqliteAccounting(Accounting):
     def _ensure_salt(db: sqlite3.Connection, salt: str) -> None:
         db.execute("INSERT OR IGNORE INTO salts (salt) VALUES (?)", (salt,))
 
+    def _unpend(self, db: sqlite3.Connection, salt: str, size: int) -> None:
+        db.execute("UPDATE salts SET pend = pend - ? WHERE salt = ?", (size, salt))
+        self._bump(db, "pend", -size)
+
     def _drop(self, db: sqlite3.Connection, key: str, salt: str, size: int) -> None:
+        row = db.execute("SELECT owner FROM objects WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] is not None:
+            self._unpend(db, salt, size)
         db.execute("DELETE FROM objects WHERE key = ?", (key,))
         db.execute(
             "UPDATE salts SET used = used - ?, objects = objects - 1 WHERE salt = ?", (size, salt)
@@ -372,28 +383,15 @@ class SqliteAccounting(Accounting):
         cap = self._capacity
         limits: dict[str, int | None] = {}
         pend: dict[str, int] = {}
-        gpend = (
-            int(
-                db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM objects WHERE owner IS NOT NULL"
-                ).fetchone()[0]
-            )
-            if cap is not None
-            else 0
-        )
+        gpend = self._meta(db, "pend") if cap is not None else 0
         # Every check before any change (as the Redis script does): a refused item must
         # leave its key's previous entry and the other objects alone.
         for key, size in batch.items():
             salt = key.cache_salt
             if salt not in limits:
                 limits[salt] = self._limit(db, salt)[0]
-                pend[salt] = int(
-                    db.execute(
-                        "SELECT COALESCE(SUM(size), 0) FROM objects "
-                        "WHERE salt = ? AND owner IS NOT NULL",
-                        (salt,),
-                    ).fetchone()[0]
-                )
+                row_p = db.execute("SELECT pend FROM salts WHERE salt = ?", (salt,)).fetchone()
+                pend[salt] = 0 if row_p is None else int(row_p[0])
             row = db.execute(
                 "SELECT size, owner FROM objects WHERE key = ?", (key.to_wire(),)
             ).fetchone()
@@ -466,11 +464,13 @@ class SqliteAccounting(Accounting):
                 (wire, salt, size, version, version, self._owner, now),
             )
             db.execute(
-                "UPDATE salts SET used = used + ?, objects = objects + 1 WHERE salt = ?",
-                (size, salt),
+                "UPDATE salts SET used = used + ?, objects = objects + 1, pend = pend + ? "
+                "WHERE salt = ?",
+                (size, size, salt),
             )
             self._bump(db, "total_bytes", size)
             self._bump(db, "total_objects", 1)
+            self._bump(db, "pend", size)
             admitted[key] = Admission(key, size, previous, victims, version)
         out.admissions = list(admitted.values())
         return out
@@ -478,13 +478,20 @@ class SqliteAccounting(Accounting):
     async def commit(self, admissions: Sequence[Admission]) -> None:
         if not admissions:
             return
-        rows = [(a.key.to_wire(), a._version) for a in admissions]
+        rows = [(a.key.to_wire(), a.key.cache_salt, a._version) for a in admissions]
 
         def change(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "UPDATE objects SET owner = NULL, admitted_at = NULL WHERE key = ? AND version = ?",
-                rows,
-            )
+            for wire, salt, version in rows:
+                row = db.execute(
+                    "SELECT size FROM objects WHERE key = ? AND version = ? AND owner IS NOT NULL",
+                    (wire, version),
+                ).fetchone()
+                if row is None:
+                    continue  # changed since: not this admission's entry any more
+                db.execute(
+                    "UPDATE objects SET owner = NULL, admitted_at = NULL WHERE key = ?", (wire,)
+                )
+                self._unpend(db, salt, int(row[0]))
 
         await self._run(self._tx, change)
 
@@ -495,10 +502,12 @@ class SqliteAccounting(Accounting):
         def change(db: sqlite3.Connection) -> None:
             for wire, salt, size, version in rows:
                 row = db.execute(
-                    "SELECT size FROM objects WHERE key = ? AND version = ?", (wire, version)
+                    "SELECT size FROM objects WHERE key = ? AND version = ? AND owner IS NOT NULL",
+                    (wire, version),
                 ).fetchone()
                 if row is None:
                     continue  # changed since reconcile looked: a live writer settles it
+                self._unpend(db, salt, int(row[0]))
                 db.execute(
                     "UPDATE objects SET owner = NULL, admitted_at = NULL, size = ? WHERE key = ?",
                     (size, wire),
