@@ -87,6 +87,13 @@ class Snapshot:
     taken_at: float = field(default_factory=time.time)
 
 
+def new_owner() -> str:
+    """Who makes pending admissions: ``host:pid`` first (reconcile tells a dead writer by
+    them), then the start time and a random part that tell two accountings of one
+    process apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{os.urandom(3).hex()}"
+
+
 def owner_is_dead(owner: str) -> bool:
     """Whether the process that made a pending admission (``host:pid:started``) is known
     to be gone: on this host, no such pid (a pid reused since is taken as alive)."""

@@ -22,8 +22,6 @@ it is refused with a :class:`ConfigError`. ``acct:salts`` lists the salts (for r
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -40,7 +38,14 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, check_cache_salt
-from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
+from flexkv_store.quota._accounting import (
+    Accounting,
+    Admitted,
+    QuotaSource,
+    SaltReport,
+    Snapshot,
+    new_owner,
+)
 from flexkv_store.quota._local import superseded_error
 from flexkv_store.quota._userlru import Admission, Tally, Victim
 
@@ -362,12 +367,6 @@ return #ARGV - 1
 )
 
 
-def _owner() -> str:
-    # host:pid first (reconcile tells a dead writer by them); the rest tells apart two
-    # accountings of one process.
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{os.urandom(3).hex()}"
-
-
 class RedisAccounting(Accounting):
     """Accounting in Redis (standalone, TLS or Cluster), shared by processes on many nodes."""
 
@@ -395,7 +394,7 @@ class RedisAccounting(Accounting):
         self._default = default_quota
         self._capacity = capacity
         self._touch_interval = touch_interval
-        self._owner = _owner()
+        self._owner = new_owner()
         self._touched: dict[ObjectKey, None] = {}
         self._touch_task: asyncio.Task[None] | None = None
         self._snapshot: Snapshot | None = None

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +32,14 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, check_cache_salt
-from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
+from flexkv_store.quota._accounting import (
+    Accounting,
+    Admitted,
+    QuotaSource,
+    SaltReport,
+    Snapshot,
+    new_owner,
+)
 from flexkv_store.quota._local import superseded_error
 from flexkv_store.quota._userlru import Admission, Tally, Victim
 
@@ -75,12 +80,6 @@ def _refuses(size: int, limit: int | None) -> bool:
     return limit is not None and (size > limit or limit == 0)
 
 
-def _owner() -> str:
-    # host:pid first (reconcile tells a dead writer by them); the rest tells apart two
-    # accountings of one process.
-    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}:{os.urandom(3).hex()}"
-
-
 class SqliteAccounting(Accounting):
     """Accounting in one SQLite database (WAL), shared by the processes of one node."""
 
@@ -99,7 +98,7 @@ class SqliteAccounting(Accounting):
         self._default = default_quota
         self._capacity = capacity
         self._touch_interval = touch_interval
-        self._owner = _owner()
+        self._owner = new_owner()
         self._exec: concurrent.futures.ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._touched: dict[ObjectKey, None] = {}
