@@ -102,7 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             EXIT_USAGE,
         )
     store: Store = open_store(cfg)
-    app = create_app(store, token=token)
+    app = create_app(
+        store, token=token, local_requests_need_token=cfg.admin.local_requests_need_token
+    )
 
     class GracefulServer(uvicorn.Server):
         """Stops on SIGINT/SIGTERM after finishing requests, then lets us close the store

@@ -175,6 +175,9 @@ class AdminConfig(_Section):
     port: int = Field(default=8000, ge=0, le=65535)
     #: Bearer token required on mutating routes (``FLEXKV_STORE_ADMIN_TOKEN``).
     token: SecretStr | None = None
+    #: ``false``: clients on a loopback address change quotas without the token (what
+    #: LMCache's ``lmcache quota`` needs: it sends none); every other client still needs it.
+    local_requests_need_token: bool = True
 
 
 class MetricsConfig(_Section):

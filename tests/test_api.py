@@ -36,12 +36,15 @@ def free_port() -> int:
 class Server:
     """uvicorn on 127.0.0.1 in a thread; the store lives on the server's event loop."""
 
-    def __init__(self, store: Store, token: str | None) -> None:
+    def __init__(self, store: Store, token: str | None, *, local_need_token: bool = True) -> None:
         self.store = store
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            create_app(store, token=token), host="127.0.0.1", port=self.port, log_level="warning"
+            create_app(store, token=token, local_requests_need_token=local_need_token),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -321,3 +324,33 @@ def test_review_regressions(client: httpx.Client, server: Server) -> None:
         return len([i async for i in server.store.scan(cache_salt="b")])
 
     assert server.on_loop(on_disk()) == 1
+
+
+@pytest.mark.parametrize("local_need_token", [True, False])
+def test_loopback_clients_without_a_token(tmp_path: Path, local_need_token: bool) -> None:
+    """admin.local_requests_need_token: false lets a client on 127.0.0.1 (a real socket)
+    change quotas without the token, as LMCache's `lmcache quota` does; with or without
+    the option, the token works, and a client from another address still needs it."""
+    store = open_store({"backend": f"fs://{tmp_path / 'kv'}"})
+    srv = Server(store, TOKEN, local_need_token=local_need_token)
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            r = c.put("/quota/alice", content=b'{"limit_gb": 1}')
+            assert r.status_code == (401 if local_need_token else 200)
+            assert (
+                c.put("/quota/alice", content=b'{"limit_gb": 2}', headers=AUTH).status_code == 200
+            )
+            assert c.delete("/quota/alice").status_code == (401 if local_need_token else 200)
+    finally:
+        srv.stop()
+
+    async def remote() -> int:
+        app = create_app(open_store({"backend": "memory://"}), token=TOKEN,
+                         local_requests_need_token=False)  # fmt: skip
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as c:
+            r = await c.put("/quota/alice", content=b'{"limit_gb": 1}')
+            return r.status_code
+
+    assert asyncio.run(remote()) == 401

@@ -332,7 +332,12 @@ class FlexKVStoreTier(SecondaryTierManager):
 
         admin = self._store_config.admin
         token = admin.token.get_secret_value() if admin.token else None
-        app = create_app(self.store, token=token, title="flexkv-store (vLLM tier)")
+        app = create_app(
+            self.store,
+            token=token,
+            title="flexkv-store (vLLM tier)",
+            local_requests_need_token=admin.local_requests_need_token,
+        )
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self._admin = server
 

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flexkv_store.config import is_loopback_host
 from flexkv_store.errors import FlexKVStoreError, InvalidKeyError
 from flexkv_store.metrics import CONTENT_TYPE
 from flexkv_store.quota._manager import GIB, QuotaInfo, api_salt
@@ -142,8 +143,19 @@ _ERROR = {"description": "bad salt or body", "content": {"application/json": {}}
 _UNAUTH = {"description": "missing or wrong bearer token", "content": {"application/json": {}}}
 
 
-def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-store") -> FastAPI:
+def create_app(
+    store: Store,
+    token: str | None = None,
+    *,
+    title: str = "flexkv-store",
+    local_requests_need_token: bool = True,
+) -> FastAPI:
     """The admin API for ``store``; mutating routes need ``token`` when one is given.
+
+    ``local_requests_need_token=False`` lets clients connecting from a loopback address
+    change quotas without it (LMCache's ``lmcache quota`` sends no token); every other
+    client still needs it. Behind a reverse proxy on the same host every request comes
+    from loopback: do not use it there.
 
     Mount it in an engine's own ASGI server or serve it with ``flexkv-store serve``.
     """
@@ -184,6 +196,9 @@ def create_app(store: Store, token: str | None = None, *, title: str = "flexkv-s
 
     def require_token(request: Request) -> None:
         if token is None:
+            return
+        client = request.client
+        if not local_requests_need_token and client is not None and is_loopback_host(client.host):
             return
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
