@@ -14,6 +14,7 @@ from flexkv_store.backends._registry import (
     available_adapters,
     open_adapter,
     parse_adapter_config,
+    parse_backend_url,
     register_adapter,
 )
 from flexkv_store.backends.base import Buffer, Capabilities, CheckReport, L2Adapter, ObjectInfo
@@ -24,7 +25,6 @@ from flexkv_store.backends.config import (
     MemoryConfig,
     RedisConfig,
     S3Config,
-    parse_backend_url,
 )
 
 __all__ = [

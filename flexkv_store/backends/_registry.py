@@ -25,7 +25,6 @@ from flexkv_store.backends.config import (
     MemoryConfig,
     RedisConfig,
     S3Config,
-    parse_backend_url,
     validate_config,
 )
 from flexkv_store.errors import BackendUnavailableError, ConfigError
@@ -134,6 +133,15 @@ def config_class_for_scheme(scheme: str) -> type[AdapterConfig]:
             return spec.config_class
     known = sorted(s for spec in _registry.values() for s in spec.config_class.schemes)
     raise ConfigError(f"unknown backend URL scheme {scheme!r}; known: {', '.join(known)}")
+
+
+def parse_backend_url(url: str) -> AdapterConfig:
+    """The typed config for a backend URL, dispatched on its scheme (here, beside the
+    registry that knows the schemes: the config models import nothing of it)."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"backend URL {url!r}: expected scheme://..., e.g. fs:///var/cache/kv")
+    scheme = url.split("://", 1)[0].lower()
+    return config_class_for_scheme(scheme).from_url(url)
 
 
 def parse_adapter_config(config: str | Mapping[str, Any] | AdapterConfig) -> AdapterConfig:

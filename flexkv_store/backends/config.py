@@ -32,7 +32,6 @@ __all__ = [
     "RedisConfig",
     "S3Config",
     "config_error",
-    "parse_backend_url",
     "validate_config",
 ]
 
@@ -301,13 +300,3 @@ def validate_config(model: type[_M], data: Any, *, where: str) -> _M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise config_error(exc, where, model) from None
-
-
-def parse_backend_url(url: str) -> AdapterConfig:
-    """The typed config for a backend URL, dispatched on its scheme."""
-    from flexkv_store.backends._registry import config_class_for_scheme
-
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"backend URL {url!r}: expected scheme://..., e.g. fs:///var/cache/kv")
-    scheme = url.split("://", 1)[0].lower()
-    return config_class_for_scheme(scheme).from_url(url)
