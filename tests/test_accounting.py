@@ -82,8 +82,6 @@ class TestRedis(AccountingTests):
             own = prefix if same_state or not made else unique_prefix()
             cfg = RedisConfig.from_url(server.url)
             cfg = cfg.model_copy(update={"key_prefix": own})
-            if self.cluster and capacity is not None:
-                pytest.skip("a Redis Cluster accounting has no global capacity (ConfigError)")
             acct = RedisAccounting(cfg, default_quota=default_quota, capacity=capacity)
             await acct.open()
             made.append(acct)
@@ -98,6 +96,11 @@ class TestRedisCluster(TestRedis):
     """Against the 3-node Cluster: every salt's keys in one slot."""
 
     cluster = True
+
+    async def test_capacity_evicts_globally(self, make: Make) -> None:
+        """A global order would live in one slot: a capacity is refused on Cluster."""
+        with pytest.raises(ConfigError, match="Cluster"):
+            await make(capacity=100)
 
 
 def test_cluster_accounting_refuses_a_capacity() -> None:

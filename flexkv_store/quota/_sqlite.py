@@ -673,25 +673,22 @@ class SqliteAccounting(Accounting):
 
         await self._run(self._tx, change)
 
-    async def usage(self, salt: str) -> Tally:
+    async def _pair(self, columns: str, salt: str) -> Tally:
         def read() -> Tally:
             assert self._db is not None
             row = self._db.execute(
-                "SELECT used, objects FROM salts WHERE salt = ?", (salt,)
+                f"SELECT {columns} FROM salts WHERE salt = ?",
+                (salt,),
             ).fetchone()
             return Tally(0, 0) if row is None else Tally(int(row[0]), int(row[1]))
 
         return await self._run(read)
+
+    async def usage(self, salt: str) -> Tally:
+        return await self._pair("used, objects", salt)
 
     async def evictions(self, salt: str) -> Tally:
-        def read() -> Tally:
-            assert self._db is not None
-            row = self._db.execute(
-                "SELECT evicted_bytes, evicted_objects FROM salts WHERE salt = ?", (salt,)
-            ).fetchone()
-            return Tally(0, 0) if row is None else Tally(int(row[0]), int(row[1]))
-
-        return await self._run(read)
+        return await self._pair("evicted_bytes, evicted_objects", salt)
 
     async def lru_order(self, salt: str | None = None) -> list[Victim]:
         def read() -> list[Victim]:
