@@ -9,16 +9,20 @@ import unicodedata
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
-from vectors_util import LOCAL, SHARED, load
+from vectors_util import LOCAL, SHARED, load, load_local
 
 from flexkv_store.errors import InvalidKeyError, KeyFormatError
 from flexkv_store.keyformat import (
     NAME_MAX,
     ObjectKey,
     from_filename,
+    from_filename_v05,
     from_wire,
+    from_wire_v05,
     to_filename,
+    to_filename_v05,
     to_wire,
+    to_wire_v05,
 )
 
 KF = load("keyformat.json")
@@ -320,3 +324,100 @@ def test_immutable_picklable_repr() -> None:
     assert eval(repr(key)) == key
     assert key.replace(cache_salt="bob") == ObjectKey("org/m", 7, b"\xab", "bob")
     assert len({key, ObjectKey("org/m", 7, b"\xab", "alice"), key.replace(cache_salt="")}) == 2
+
+
+# -- LMCache 0.4.7-0.5.x names (object_group_id) -----------------------------------------
+
+V05 = load_local("lmcache05_keys.json")
+groups = st.one_of(st.just(0), st.integers(0, 2**64 - 1), st.sampled_from([1, 0x10, 2**64 - 1]))
+
+
+@pytest.mark.parametrize("case", V05["valid"], ids=lambda c: c["filename"][:48])
+def test_v05_vectors(case: dict[str, object]) -> None:
+    key, group = _key_of(case), case["object_group_id"]
+    assert to_filename_v05(key, group) == case["filename"]  # type: ignore[arg-type]
+    assert to_wire_v05(key, group) == case["wire"]  # type: ignore[arg-type]
+    assert from_filename_v05(case["filename"]) == (key, group)  # type: ignore[arg-type]
+    assert from_wire_v05(case["wire"]) == (key, group)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("probe", V05["probes"], ids=lambda p: p["filename"][:48])
+def test_v05_probes_parse_only_in_canonical_form(probe: dict[str, object]) -> None:
+    # What LMCache 0.5.6 refuses we refuse; what it accepts we accept only when the name is
+    # the canonical one of the key it reads (upper case, short ranks, leading zeros: no).
+    name = probe["filename"]
+    assert isinstance(name, str)
+    try:
+        key, group = from_filename_v05(name)
+    except KeyFormatError:
+        return
+    assert probe["lmcache_parses"]
+    assert to_filename_v05(key, group) == name
+
+
+def test_v05_and_v04_names_are_read_as_declared() -> None:
+    # The issue's example: LMCache 0.5's group 0x10, hash deadbeef, unsalted ...
+    name = "llama@0x0000002a@10@deadbeef.data"
+    assert from_filename_v05(name) == (ObjectKey("llama", 42, bytes.fromhex("deadbeef")), 0x10)
+    # ... is also a well-formed 0.4 name (hash 10, salt deadbeef): the same bytes are two
+    # different keys, which is why a raw directory declares its generation.
+    assert from_filename(name) == ObjectKey("llama", 42, b"\x10", "deadbeef")
+    # A 0.4 unsalted name is never a 0.5 one, and a 0.5 name of group 0 never a 0.4 one.
+    with pytest.raises(KeyFormatError, match="4 or 5"):
+        from_filename_v05("llama@0x0000002a@deadbeef.data")
+    with pytest.raises(KeyFormatError, match="chunk_hash"):
+        from_filename("llama@0x0000002a@0@deadbeef.data")
+
+
+@given(keys, groups)
+def test_v05_round_trips(key: ObjectKey, group: int) -> None:
+    assert from_wire_v05(to_wire_v05(key, group)) == (key, group)
+    name = to_filename_v05(key, group)
+    assert from_filename_v05(name) == (key, group)
+    assert "/" not in name
+
+
+@given(st.text(st.sampled_from("m@0x123456789abcdef_-SEP.data/é"), max_size=50))
+@example("m@0x0000002a@0@00.data")
+@example("a-SEP-b@0x0000002a@1f@00@s.data")
+def test_v05_accepted_names_are_canonical(s: str) -> None:
+    for parse, unparse in ((from_filename_v05, to_filename_v05), (from_wire_v05, to_wire_v05)):
+        try:
+            key, group = parse(s)
+        except KeyFormatError:
+            continue
+        assert unparse(key, group) == s
+
+
+@given(st.one_of(st.text(), st.binary(), st.integers(), st.none()))
+def test_v05_parsing_arbitrary_input_raises_only_key_format_errors(value: object) -> None:
+    for parse in (from_wire_v05, from_filename_v05):
+        try:
+            parse(value)  # type: ignore[arg-type]
+        except KeyFormatError:
+            pass
+
+
+@pytest.mark.parametrize("group", [-1, 2**64, True, 1.0, "0"])
+def test_v05_group_id_rules(group: object) -> None:
+    key = ObjectKey("m", 0, b"\x00")
+    with pytest.raises(InvalidKeyError) as info:
+        to_filename_v05(key, group)  # type: ignore[arg-type]
+    assert info.value.field == "object_group_id"
+    with pytest.raises(KeyFormatError, match="object_group_id"):
+        from_wire_v05("m@00000000@10000000000000000@00")  # 2**64 does not fit
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("m@0x0000002a@0@00@_default.data", "cache_salt"),
+        ("a@b@0x0000002a@0@00.data", "filename"),
+        ("m/x@0x0000002a@0@00.data", "filename"),  # "/" is spelled -SEP- in filenames
+        ("m\x00@0x0000002a@0@00.data", "model_name"),
+    ],
+)
+def test_v05_key_rules_apply(name: str, field: str) -> None:
+    with pytest.raises(KeyFormatError) as info:
+        from_filename_v05(name)
+    assert info.value.field == field

@@ -1,7 +1,8 @@
 """Keys: :class:`ObjectKey`, its wire string and filename, object framing, chunk hashing.
 
 See DESIGN section 2. The wire string and filename are byte-compatible with LMCache
-0.4.4-0.4.6; parsing is strict and canonical.
+0.4.4-0.4.6; parsing is strict and canonical. The ``*_v05`` functions read and write
+LMCache 0.4.7-0.5.x's forms, which add an ``object_group_id`` field (DESIGN section 14).
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from flexkv_store.keyformat._framing import (
     unframe,
     verify_payload,
 )
-from flexkv_store.keyformat._key import NAME_MAX, ObjectKey, check_cache_salt, overlong_filename
+from flexkv_store.keyformat._key import (
+    NAME_MAX,
+    ObjectKey,
+    check_cache_salt,
+    from_filename_v05,
+    from_wire_v05,
+    overlong_filename,
+    to_filename_v05,
+    to_wire_v05,
+)
 from flexkv_store.keyformat.hashing import (
     build_namespace,
     chunk_keys,
@@ -43,11 +53,15 @@ __all__ = [
     "flexkv_block_hashes",
     "frame",
     "from_filename",
+    "from_filename_v05",
     "from_wire",
+    "from_wire_v05",
     "header_length",
     "overlong_filename",
     "to_filename",
+    "to_filename_v05",
     "to_wire",
+    "to_wire_v05",
     "unframe",
     "verify_payload",
     "vllm_block_hashes",

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from flexkv_store.errors import InvalidKeyError, KeyFormatError
 
-__all__ = ["NAME_MAX", "ObjectKey"]
+__all__ = [
+    "NAME_MAX",
+    "ObjectKey",
+    "from_filename_v05",
+    "from_wire_v05",
+    "to_filename_v05",
+    "to_wire_v05",
+]
 
 #: Longest filename (bytes) most Linux filesystems accept; longer names use the hashed form.
 NAME_MAX: Final = 255
@@ -29,6 +36,9 @@ _ASCII_BAD_SALT: Final = re.compile(r"[@/\\\x00-\x1f\x7f]")
 _RANK_WIRE: Final = re.compile(r"[0-9a-f]{8}")
 _RANK_FILE: Final = re.compile(r"0x[0-9a-f]{8}")
 _HASH_HEX: Final = re.compile(r"(?:[0-9a-f]{2}){1,64}")
+#: LMCache 0.5's object_group_id as ``f"{ogid:x}"`` writes it: no leading zeros, 64 bits.
+_GROUP_HEX: Final = re.compile(r"0|[1-9a-f][0-9a-f]{0,15}")
+GROUP_ID_MAX: Final = (1 << 64) - 1
 _SEP: Final = "-SEP-"
 
 # namedtuple's C field descriptor where the interpreter has one (CPython), else a property.
@@ -308,3 +318,112 @@ class ObjectKey(tuple[str, int, bytes, str]):
 def overlong_filename(wire: str) -> str:
     """The fixed-length filename used when a key's plain filename exceeds NAME_MAX."""
     return f"h-{hashlib.sha256(wire.encode('utf-8')).hexdigest()}.data"
+
+
+# -- LMCache 0.4.7-0.5.x names: an object_group_id field after kv_rank ----------------------
+#
+# Wire:     {model}@{kv_rank:08x}@{ogid:x}@{chunk_hash hex}[@{cache_salt}]
+# Filename: {model, "/" -> "-SEP-"}@0x{kv_rank:08x}@{ogid:x}@{chunk_hash hex}[@{cache_salt}].data
+#
+# The same strict, canonical rules as the 0.4 forms (to_x(from_x(s)) == s), plus the group
+# id: lowercase hex without leading zeros, at most 64 bits. An unsalted 0.5 name has as many
+# fields as a salted 0.4 one, so a name is read as the generation its directory declares.
+
+
+def _check_group(object_group_id: object) -> int:
+    if type(object_group_id) is not int:
+        if isinstance(object_group_id, bool) or not isinstance(object_group_id, int):
+            raise InvalidKeyError(
+                "object_group_id", f"must be an int, not {type(object_group_id).__name__}"
+            )
+        object_group_id = int(object_group_id)
+    if not 0 <= object_group_id <= GROUP_ID_MAX:
+        raise InvalidKeyError("object_group_id", f"must be in 0..2**64-1 (got {object_group_id})")
+    return object_group_id
+
+
+def to_wire_v05(key: ObjectKey, object_group_id: int = 0) -> str:
+    """LMCache 0.5's wire string of ``key`` in group ``object_group_id``."""
+    model_name, kv_rank, chunk_hash, cache_salt = key
+    s = f"{model_name}@{kv_rank:08x}@{_check_group(object_group_id):x}@{chunk_hash.hex()}"
+    return f"{s}@{cache_salt}" if cache_salt else s
+
+
+def to_filename_v05(key: ObjectKey, object_group_id: int = 0) -> str:
+    """LMCache 0.5's filename of ``key`` in group ``object_group_id``.
+
+    LMCache 0.5 has no hashed form: a name over 255 bytes (NAME_MAX) is returned as it is,
+    and no filesystem can hold it (the fs adapter refuses such keys in raw 0.5 mode).
+    """
+    model_name, kv_rank, chunk_hash, cache_salt = key
+    name = (
+        f"{model_name.replace('/', _SEP)}@0x{kv_rank:08x}"
+        f"@{_check_group(object_group_id):x}@{chunk_hash.hex()}"
+    )
+    return f"{name}@{cache_salt}.data" if cache_salt else f"{name}.data"
+
+
+def _parse_v05(
+    what: str, text: str, rank_re: re.Pattern[str], rank_skip: int
+) -> tuple[str, int, int, bytes, str]:
+    parts = text.split("@")
+    if len(parts) == 4:
+        model, rank, group, hexhash = parts
+        salt = ""
+    elif len(parts) == 5:
+        model, rank, group, hexhash, salt = parts
+        if not salt:
+            raise KeyFormatError(what, "a 5th (cache_salt) field must not be empty")
+    else:
+        raise KeyFormatError(
+            what, f"must have 4 or 5 '@'-separated fields in LMCache 0.5 form (got {len(parts)})"
+        )
+    if not rank_re.fullmatch(rank):
+        raise KeyFormatError(
+            what,
+            "kv_rank field must be "
+            + ("'0x' and " if rank_skip else "")
+            + "exactly 8 lowercase hex digits",
+        )
+    if not _GROUP_HEX.fullmatch(group):
+        raise KeyFormatError(
+            what, "object_group_id field must be lowercase hex without leading zeros (64 bits)"
+        )
+    if not _HASH_HEX.fullmatch(hexhash):
+        raise KeyFormatError(
+            what, "chunk_hash field must be 2..128 lowercase hex digits, an even count"
+        )
+    return model, int(rank[rank_skip:], 16), int(group, 16), bytes.fromhex(hexhash), salt
+
+
+def from_wire_v05(s: str) -> tuple[ObjectKey, int]:
+    """Parse LMCache 0.5's wire string: ``(key, object_group_id)``; else KeyFormatError."""
+    if not isinstance(s, str):
+        raise KeyFormatError("wire", f"must be a str, not {type(s).__name__}")
+    model, rank, group, chunk_hash, salt = _parse_v05("wire", s, _RANK_WIRE, 0)
+    try:
+        return ObjectKey(model, rank, chunk_hash, salt), group
+    except KeyFormatError:
+        raise
+    except InvalidKeyError as exc:
+        raise KeyFormatError(exc.field, exc.rule) from None
+
+
+def from_filename_v05(name: str) -> tuple[ObjectKey, int]:
+    """Parse LMCache 0.5's filename: ``(key, object_group_id)``; else KeyFormatError."""
+    if not isinstance(name, str):
+        raise KeyFormatError("filename", f"must be a str, not {type(name).__name__}")
+    if not name.endswith(".data"):
+        raise KeyFormatError("filename", "must end with '.data'")
+    model, rank, group, chunk_hash, salt = _parse_v05("filename", name[:-5], _RANK_FILE, 2)
+    if "/" in model:
+        raise KeyFormatError("filename", "must not contain '/'")
+    try:
+        key = ObjectKey(model.replace(_SEP, "/"), rank, chunk_hash, salt)
+    except KeyFormatError:
+        raise
+    except InvalidKeyError as exc:
+        raise KeyFormatError(exc.field, exc.rule) from None
+    if to_filename_v05(key, group) != name:
+        raise KeyFormatError("filename", "is not the canonical filename of its key")
+    return key, group
