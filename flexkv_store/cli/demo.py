@@ -1,42 +1,35 @@
-"""The heavier ``flexkv-store`` commands: ``demo``, ``bench`` and ``fsck``."""
+"""``flexkv-store demo``: a multi-tenant KV offload workload through the real store."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexkv_store.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    MIB,
+    AddCommand,
+    CliError,
+    console,
+    emit_json,
+    store_config,
+)
+
 __all__ = ["register"]
 
-MIB = 1 << 20
 
-
-def register(add: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
-    """Add the demo, bench and fsck subcommands to the CLI's parser."""
+def register(add: AddCommand) -> None:
+    """Add the demo subcommand(s)."""
     p = add("demo", "run a multi-tenant KV offload workload through the real store",
             "flexkv-store demo --requests 24")  # fmt: skip
     p.add_argument("--requests", type=int, default=24, help="requests per tenant (default 24)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
     p.set_defaults(func=cmd_demo)
 
-    p = add("bench", "measure put/get throughput of a backend",
-            "flexkv-store bench --backend redis://127.0.0.1:6379/0 --size-mib 4")  # fmt: skip
-    p.add_argument("--size-mib", type=float, default=4.0, help="object size in MiB (default 4)")
-    p.add_argument("--count", type=int, default=64, help="objects per round (default 64)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
-    p.set_defaults(func=cmd_bench)
-
-    p = add("fsck", "verify every object's header and checksum; --repair removes bad ones",
-            "flexkv-store fsck --backend fs:///var/cache/kv --repair")  # fmt: skip
-    p.add_argument("--repair", action="store_true", help="remove corrupt objects and temp files")
-    p.set_defaults(func=cmd_fsck)
-
-
-# -- demo ----------------------------------------------------------------------------------
 
 DEMO_MODEL = "flexkv-demo/llama-mini"
 DEMO_LAYERS = 8
@@ -184,15 +177,12 @@ def _seed(key: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flexkv_store.cli import EXIT_FAILED, EXIT_OK, _console, _emit_json, _store_config
 
     try:
         import torch  # noqa: F401
     except ImportError:
-        from flexkv_store.cli import CliError
-
         raise CliError("the demo needs torch: pip install torch", 2) from None
-    cfg = _store_config(args)
+    cfg = store_config(args)
     where = ", ".join(f"{a.type}:{getattr(a, 'path', '')}" for a in cfg.adapters)
     started = time.perf_counter()
     _, report = asyncio.run(_demo(args, cfg))
@@ -200,7 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report["seconds"] = round(elapsed, 2)
     bad = sum(t["mismatches"] for t in report["tenants"].values())
     if args.json:
-        _emit_json(report)
+        emit_json(report)
         return EXIT_FAILED if bad else EXIT_OK
     from rich import box
     from rich.table import Table
@@ -219,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "-" if t["reload_gb_s"] is None else f"{t['reload_gb_s']:.2f}",
             f"{t['verified_chunks'] - t['mismatches']}/{t['verified_chunks']}",
         )  # fmt: skip
-    con = _console()
+    con = console()
     con.print(table)
     engine = report["store"]["backends"][0]
     con.print(
@@ -231,157 +221,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
         con.print(f"[red]{bad} reloaded chunk(s) differed from what was offloaded[/red]")
         return EXIT_FAILED
     return EXIT_OK
-
-
-# -- bench ---------------------------------------------------------------------------------
-
-
-async def _bench_adapter(acfg: Any, size: int, count: int, rounds: int) -> dict[str, Any]:
-    import statistics
-
-    import numpy as np
-
-    from flexkv_store.backends import open_adapter
-    from flexkv_store.keyformat import ObjectKey
-
-    payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    puts, gets = [], []
-    async with open_adapter(acfg) as adapter:
-        for r in range(rounds):
-            keys = [ObjectKey("flexkv-bench", r, os.urandom(16), "bench") for _ in range(count)]
-            t0 = time.perf_counter()
-            await adapter.put_many([(k, payload) for k in keys])
-            puts.append(size * count / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            got = await adapter.get_many(keys)
-            gets.append(size * count / (time.perf_counter() - t0))
-            if any(g is None or len(g) != size for g in got):
-                from flexkv_store.cli import CliError
-
-                raise CliError("bench: an object read back wrong", 1)
-            await adapter.delete_many(keys)
-        info = adapter.info()
-    return {
-        "backend": acfg.type,
-        "object_bytes": size,
-        "objects": count,
-        "put_gb_s": round(statistics.median(puts) / 1e9, 3),
-        "get_gb_s": round(statistics.median(gets) / 1e9, 3),
-        "info": info,
-    }
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from flexkv_store.cli import EXIT_OK, _console, _emit_json, _human, _store_config
-
-    cfg = _store_config(args)
-    size = int(args.size_mib * MIB)
-    results = [asyncio.run(_bench_adapter(a, size, args.count, args.rounds)) for a in cfg.adapters]
-    if args.json:
-        _emit_json(results)
-        return EXIT_OK
-    from rich.table import Table
-
-    table = Table(title=f"{args.count} x {_human(size)} objects, median of {args.rounds}")
-    for col in ("backend", "put GB/s", "get GB/s", "engine"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(r["backend"], f"{r['put_gb_s']:.3f}", f"{r['get_gb_s']:.3f}",
-                      str(r["info"].get("io_engine", "-")))  # fmt: skip
-    _console().print(table)
-    return EXIT_OK
-
-
-# -- fsck ----------------------------------------------------------------------------------
-
-
-def cmd_fsck(args: argparse.Namespace) -> int:
-    from flexkv_store.backends import open_adapter
-    from flexkv_store.cli import EXIT_FAILED, EXIT_OK, _console, _emit_json, _human, _store_config
-
-    cfg = _store_config(args)
-
-    async def run() -> list[tuple[str, Any]]:
-        out = []
-        for acfg in cfg.adapters:
-            async with open_adapter(acfg) as adapter:
-                out.append((acfg.type, await adapter.check(repair=args.repair)))
-        return out
-
-    reports = asyncio.run(run())
-    acct_report = asyncio.run(_check_accounting(cfg, repair=args.repair))
-    problems = sum(len(r.corrupt) + len(r.temp_files) for _, r in reports)
-    unrepaired = (
-        problems
-        if not args.repair
-        else sum(len(r.corrupt) + len(r.temp_files) - r.removed for _, r in reports)
-    )
-    if acct_report is not None:
-        problems += acct_report["pending"] + acct_report["unaccounted"]
-    if args.json:
-        out: list[dict[str, Any]] = [{"backend": name, **vars(r)} for name, r in reports]
-        if acct_report is not None:
-            out.append({"accounting": acct_report})
-        _emit_json(out)
-    else:
-        con = _console()
-        for name, r in reports:
-            status = "[green]clean[/green]" if r.ok else "[red]problems found[/red]"
-            con.print(f"{name}: {r.objects} objects, {_human(r.bytes)}: {status}")
-            for what in r.corrupt:
-                con.print(f"  corrupt: {what}")
-            for path in r.temp_files:
-                con.print(f"  temp file: {path}")
-            for path in r.foreign:
-                con.print(f"  [dim]not ours (left alone): {path}[/dim]")
-            if args.repair:
-                con.print(f"  removed {r.removed}")
-        if acct_report is not None:
-            con.print(
-                f"accounting {acct_report['where']}: {acct_report['accounted']} objects "
-                f"accounted, {acct_report['pending']} admission(s) pending, "
-                f"{acct_report['unaccounted']} stored object(s) not accounted, "
-                f"{acct_report['missing']} accounted but not found"
-                + (f"; reconciled: {acct_report['committed']} committed, "
-                   f"{acct_report['forgotten']} forgotten" if args.repair else "")
-            )  # fmt: skip
-        if problems and not args.repair:
-            con.print("run again with --repair to remove them (and reconcile the accounting)")
-    return EXIT_FAILED if unrepaired > 0 else EXIT_OK
-
-
-async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
-    """A shared accounting against what the backends hold (a local one has nothing to
-    check: it lives in each process). ``repair`` settles pending admissions that are old
-    or whose process is gone, and accounts stored objects it misses; it deletes nothing."""
-    from flexkv_store.backends import open_adapter
-    from flexkv_store.store import Store, accounting_for
-
-    acct = accounting_for(cfg)
-    if not acct.shared:
-        return None
-    await acct.open()
-    try:
-        present: dict[Any, int] = {}
-        for acfg in cfg.adapters:
-            async with open_adapter(acfg) as adapter:
-                if adapter.capabilities.listing:
-                    async for info in adapter.scan():
-                        present.setdefault(info.key, info.size)
-        accounted = dict(await acct.lru_order())
-        pending = await acct.pending()
-        report: dict[str, Any] = {
-            "where": acct.describe(),
-            "accounted": len(accounted),
-            "pending": len(pending),
-            "unaccounted": sum(1 for key in present if key not in accounted),
-            "missing": sum(1 for key in accounted if key not in present),
-        }
-        if repair:
-            committed, forgotten = await acct.reconcile(present, older_than=Store.reconcile_after)
-            report |= {"committed": committed, "forgotten": forgotten}
-            report["pending"] = len(await acct.pending())
-            report["unaccounted"] = 0
-        return report
-    finally:
-        await acct.close()
