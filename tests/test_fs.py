@@ -357,9 +357,18 @@ async def test_corrupt_object_is_counted_and_removed(tmp_path: Path) -> None:
         assert a.corrupt_objects == 1
         assert a.info()["corrupt_objects"] == 1
         assert _read_or_none(path) is None
-        _write(path, b"short")  # truncated below the header size
+        await a.put(key, b"y" * 10000)
+        _write(path, _read(path)[:100])  # ours (our magic), truncated below the header size
         assert await a.size(key) is None
         assert a.corrupt_objects == 2
+        assert _read_or_none(path) is None
+        # Without our magic it is not ours: a miss, counted as foreign, and left alone.
+        _write(path, b"short")
+        assert await a.size(key) is None
+        assert await a.get(key) is None
+        assert await a.delete(key) is False
+        assert (a.corrupt_objects, a.foreign_objects) == (2, 3)
+        assert _read(path) == b"short"
 
 
 # -- temp files and failures ------------------------------------------------------------------

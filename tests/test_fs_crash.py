@@ -28,7 +28,7 @@ from flexkv_store.keyformat import ObjectKey
 REPO = Path(__file__).resolve().parents[1]
 KEYS = 12
 
-# The writer. With "stuck" it blocks forever in the rename of the 5th object of the second
+# The writer. With "stuck" it blocks forever in the publication of the 5th object of the second
 # batch, so the kill surely lands mid-batch: some objects of that batch are published, the
 # rest sit in temp files.
 WRITER = """
@@ -47,17 +47,28 @@ def payload(i, v):
     rng = np.random.default_rng(i * 1_000_003 + v)
     return i.to_bytes(4, "big") + v.to_bytes(4, "big") + rng.bytes(n - 8)
 
-renames = 0
+publishes = 0
+said = False
 if mode == "stuck":
-    real_rename = os.rename
-    def rename(src, dst):
-        global renames
-        renames += 1
-        if renames == KEYS + 5:
-            print("stuck", flush=True)
+    import threading
+    lock = threading.Lock()
+    real_publish = FsAdapter._publish
+    def publish(self, tmp, final):
+        # Counted once done: every writer that comes after the 4th publication of batch 2
+        # hangs, so at least 4 of that batch are surely on disk when the kill lands.
+        global publishes
+        global said
+        with lock:
+            stuck = publishes >= KEYS + 4
+            if stuck and not said:
+                said = True
+                print("stuck", flush=True)
+        if stuck:
             time.sleep(3600)
-        real_rename(src, dst)
-    _fs.os.rename = rename
+        real_publish(self, tmp, final)
+        with lock:
+            publishes += 1
+    FsAdapter._publish = publish
 
 async def main():
     a = FsAdapter(FsConfig(path=path, io_engine=engine, direct_io=direct == "1", threads=4))

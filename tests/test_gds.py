@@ -317,7 +317,13 @@ async def test_cufile_path_corrupt_is_a_miss(
             await a.put(other, _tensor(data))
             os.replace(a.object_path(other), path)
         out = torch.zeros(len(data), dtype=torch.uint8)
+        before = _read_or_none(path)
         assert await a.get_into(key, out) is None
+        if where == "other_key":
+            # Our framing, another key's header: not this name's object (DESIGN section 14).
+            assert (a.corrupt_objects, a.foreign_objects) == (0, 1)
+            assert _read_or_none(path) == before, "a foreign file is left exactly as it was"
+            return
         assert a.corrupt_objects == 1
         assert _read_or_none(path) is None, "a corrupt object is removed, as on the fs path"
         assert await a.get_into(key, out) is None

@@ -196,10 +196,24 @@ async def test_scan_ignores_foreign_keys_and_escapes_the_prefix(
         assert abs(infos[0].last_modified - time.time()) < 5
 
 
-async def test_error_mapping(redis_config: Callable[..., RedisConfig]) -> None:
+async def test_error_mapping(
+    redis_config: Callable[..., RedisConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with RedisAdapter(redis_config()) as a:
         key = _key(40)
+        # A value that is not a string is another program's: a miss, left alone.
         await a.client.rpush(a.redis_key(key), b"a list, not a string")
+        assert await a.get(key) is None
+        assert await a.get_many([key, key]) == [None, None]
+        assert await a.size(key) is None
+        assert await a.delete(key) is False
+        assert a.foreign_objects >= 2  # get and size (MGET answers nil for it)
+        assert await a.client.lrange(a.redis_key(key), 0, -1) == [b"a list, not a string"]
+
+        async def refused(*args: object, **kw: object) -> None:
+            raise redis.exceptions.ResponseError("ERR something the server refused")
+
+        monkeypatch.setattr(a.client, "get", refused)
         with pytest.raises(StorageError) as info:
             await a.get(key)
         assert not isinstance(info.value, BackendUnavailableError)

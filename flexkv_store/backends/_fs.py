@@ -12,10 +12,23 @@ Format. ``framed`` files are a 4096-byte header (magic, lengths, xxh3 checksums,
 key; see :mod:`flexkv_store.keyformat._framing`) followed by the payload, so payloads are
 4096-aligned in the file and O_DIRECT can read them in place. ``raw`` files are the payload
 only (LMCache interchange): no checksum, and keys with overlong filenames cannot be stored.
+A raw directory declares the LMCache generation whose names it holds (``lmcache: "0.4"``,
+the 3/4-field names, or ``"0.5"``, LMCache 0.4.7-0.5.x's names with an ``object_group_id``,
+of which group 0 is ours to read and write); a name of any other shape is not an object.
+
+Data we did not write (DESIGN section 14). In a framed directory a file is ours only if it
+starts with our magic and its header names the key its filename stands for; anything else
+is *foreign*: a miss for reads, skipped by scans (so never accounted or evicted), reported
+by :meth:`FsAdapter.check` and removed only by ``check(remove_foreign=True)``. No other path
+removes or replaces a file that does not start with our magic: a corrupt object is removed
+only when it still does, :meth:`FsAdapter.delete` checks the header first, and a put
+publishes with ``link()`` (which never replaces a name) and replaces an existing file only
+when it is one of ours.
 
 Publication. A put writes ``.tmp-{host}-{pid}-{random}.part`` in the object's directory,
-syncs it per the ``fsync`` policy and renames it over the final name, so a reader sees the
-old object, the new one or nothing. Temp files left by crashed writers are removed when an
+syncs it per the ``fsync`` policy and links it to the final name (or, when one of our
+objects is there already, renames it over that), so a reader sees the old object, the new
+one or nothing. Temp files left by crashed writers are removed when an
 adapter opens: those of dead processes on this host at once, any other only once it is
 older than :attr:`FsAdapter.stale_temp_seconds` (a live writer on another host, or one in
 this process, is never disturbed).
@@ -32,13 +45,13 @@ exactly header + payload bytes (so sizes stay exact and the padding never shows)
 Checking. :meth:`FsAdapter.check` (``flexkv-store fsck``) walks every directory without
 side effects: headers decoded, payload checksums verified in chunks, temp files and foreign
 files listed; with ``repair`` it removes corrupt objects and abandoned temp files (by the
-same rules as the open-time cleanup) and never touches foreign files.
+same rules as the open-time cleanup); foreign files go only with ``remove_foreign``.
 
 Errors. Every ``OSError`` becomes a :class:`~flexkv_store.errors.StorageError` at one seam
 (:func:`_storage_errors`); a failed put leaves no temp file behind. A file that fails its
 header or checksum check is a miss: it is counted in :attr:`FsAdapter.corrupt_objects`,
-logged and removed (only if it is still the same inode, so a fresh object written in the
-meantime survives).
+logged and removed (only if it is still the same inode and starts with our magic, so a
+fresh object written in the meantime and another program's file both survive).
 """
 
 from __future__ import annotations
@@ -90,7 +103,17 @@ from flexkv_store.errors import (
     InvalidKeyError,
     StorageError,
 )
-from flexkv_store.keyformat import ObjectKey, as_bytes_view, checksum, decode_header, encode_header
+from flexkv_store.keyformat import (
+    NAME_MAX,
+    ObjectKey,
+    as_bytes_view,
+    checksum,
+    decode_header,
+    encode_header,
+    from_filename_v05,
+    to_filename_v05,
+)
+from flexkv_store.keyformat._framing import MAGIC
 
 __all__ = ["FsAdapter"]
 
@@ -107,6 +130,8 @@ _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _TMP_RE = re.compile(r"\.tmp-[A-Za-z0-9_.]{1,64}-[0-9]+-[0-9a-f]{1,32}\.part")
 #: What ObjectKey.to_filename gives for a key whose filename would be overlong.
 _HASHED_NAME_RE = re.compile(r"h-[0-9a-f]{64}\.data")
+#: What _verify_file reports for a header of ours that names another key than the filename.
+_FOREIGN_HEADER = "the header names another key"
 #: check() streams payloads through a buffer of this size (never a whole object at once).
 _CHECK_CHUNK = 4 << 20
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
@@ -243,6 +268,8 @@ class FsAdapter(L2Adapter):
         self._framed = config.format == "framed"
         self._head = ALIGN if self._framed else 0
         self._sharded = config.layout == "sharded"
+        #: Raw LMCache 0.4.7-0.5.x names (with an object_group_id field).
+        self._v05 = not self._framed and config.lmcache == "0.5"
         if not self._framed:
             # Raw files carry no checksum; the flag is per instance, the class default is
             # the framed format's. (Assigned through __dict__: it shadows a ClassVar.)
@@ -251,6 +278,8 @@ class FsAdapter(L2Adapter):
             )
         #: Objects found corrupt or truncated (each was treated as a miss and removed).
         self.corrupt_objects = 0
+        #: Files read at an object's name that are not ours (left alone, a miss).
+        self.foreign_objects = 0
         self._count_lock = threading.Lock()
         self._closed = False
         with _storage_errors("open"):
@@ -342,8 +371,21 @@ class FsAdapter(L2Adapter):
 
     # -- paths ----------------------------------------------------------------------------
 
+    def _filename(self, key: ObjectKey) -> str:
+        return to_filename_v05(key) if self._v05 else key.to_filename()
+
+    def _parse_name(self, name: str) -> ObjectKey | None:
+        """The key a plain (not hashed) object filename stands for in this directory's format."""
+        try:
+            if self._v05:
+                key, group = from_filename_v05(name)
+                return key if group == 0 else None  # LMCache's other object groups
+            return ObjectKey.from_filename(name)
+        except InvalidKeyError:
+            return None
+
     def _locate(self, key: ObjectKey) -> tuple[str, str]:
-        name = key.to_filename()
+        name = self._filename(key)
         directory = self._dir_of(name)
         return directory, os.path.join(directory, name)
 
@@ -361,7 +403,11 @@ class FsAdapter(L2Adapter):
 
     def _storable(self, key: ObjectKey) -> bool:
         # Raw files have nowhere to keep a key that the (hashed) filename cannot give back.
-        return self._framed or not key.filename_is_overlong
+        if self._framed:
+            return True
+        if self._v05:
+            return len(to_filename_v05(key).encode("utf-8")) <= NAME_MAX
+        return not key.filename_is_overlong
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -424,7 +470,7 @@ class FsAdapter(L2Adapter):
                 os.fsync(job.fd)
             os.close(job.fd)
             job.fd = -1
-            os.rename(job.tmp, job.final)
+            self._publish(job.tmp, job.final)
             job.tmp = ""
             if policy == "always":
                 _fsync_dir(os.path.dirname(job.final))
@@ -432,6 +478,49 @@ class FsAdapter(L2Adapter):
             job.error = _detached(exc)
         finally:
             self._discard(job)
+
+    def _publish(self, tmp: str, final: str) -> None:
+        """Give the finished temp file ``tmp`` the object name ``final``.
+
+        ``link()`` never replaces an existing name, so a new object (the common case) is
+        published without looking at what is there; an existing file is replaced only if it
+        is one of ours (:meth:`_replaceable`), else the put fails and the file stays as it
+        was. ``tmp`` is gone afterwards whenever this returns.
+        """
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            # A file system without hard links: look first, then rename.
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+        else:
+            os.unlink(tmp)
+            return
+        if not self._replaceable(final):
+            raise OSError(
+                errno.EEXIST,
+                "a file this adapter did not write holds the object's name (left alone)",
+                final,
+            )
+        os.rename(tmp, final)
+
+    def _replaceable(self, path: str) -> bool:
+        """Whether ``path`` may be replaced: absent, or one of our objects (never foreign).
+
+        Raw names are the data by declaration; a framed file must start with our magic.
+        """
+        if not self._framed:
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            return os.pread(fd, len(MAGIC), 0) == MAGIC
+        finally:
+            os.close(fd)
 
     def _discard(self, job: _Job) -> None:
         job.release()
@@ -592,12 +681,18 @@ class FsAdapter(L2Adapter):
     ) -> None:
         """Check what was read and set ``job.result``; a bad object becomes a miss."""
         try:
+            if self._framed and bytes(header[: len(MAGIC)]) != MAGIC:
+                self._corrupt(job, "it does not start with our magic")  # foreign: kept
+                job.result = None
+                return
             if got != self._head + job.size:
                 raise CorruptObjectError(f"read {got} of {self._head + job.size} bytes")
             if self._framed:
                 head = decode_header(header)
                 if head.key != job.key:
-                    raise CorruptObjectError(f"the header holds another key ({head.key})")
+                    self._corrupt(job, f"its header names another key ({head.key})", foreign=True)
+                    job.result = None
+                    return
                 if head.payload_len != job.size:
                     raise CorruptObjectError(
                         f"header says {head.payload_len} payload bytes, the file has {job.size}"
@@ -615,21 +710,37 @@ class FsAdapter(L2Adapter):
                 job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
             job.result = job.size
 
-    def _corrupt(self, job: _Job, why: str) -> None:
-        """Count a bad object, log it and remove it if the path still names the same file."""
-        with self._count_lock:
-            self.corrupt_objects += 1
-        log.warning("fs adapter: %s is corrupt (%s); treating it as a miss", job.final, why)
+    def _corrupt(self, job: _Job, why: str, *, foreign: bool = False) -> None:
+        """A bad file at an object's name: a miss, and removed only if it is ours.
+
+        The file is ours if it starts with our magic (and ``foreign`` is not set, as it is
+        for a header that names another key); only then is it counted as corrupt and
+        removed, and only while the path still names the file that was read (a writer may
+        have published a new object there meanwhile). Anything else is counted in
+        :attr:`foreign_objects` and left exactly as it is.
+        """
         try:
-            if job.fd >= 0:
-                mine = os.fstat(job.fd)
-                now = os.stat(job.final)
-                if (mine.st_ino, mine.st_dev) != (now.st_ino, now.st_dev):
-                    return  # a writer has published a new object there meanwhile
-            os.unlink(job.final)
+            fd = os.open(job.final, os.O_RDONLY | _O_CLOEXEC)
         except OSError:
-            pass  # gone already, or not ours to remove: still a miss
+            fd = -1  # gone already: still a miss
+        try:
+            if fd >= 0 and job.fd >= 0 and not _same_file(job.fd, fd):
+                return  # a writer has published a new object there meanwhile
+            if foreign or not (self._framed and fd >= 0 and _starts_with_magic(fd)):
+                with self._count_lock:
+                    self.foreign_objects += 1
+                log.debug("fs adapter: %s is not ours (%s); a miss, left alone", job.final, why)
+                return
+            with self._count_lock:
+                self.corrupt_objects += 1
+            log.warning("fs adapter: %s is corrupt (%s); treating it as a miss", job.final, why)
+            try:
+                _unlink_if_same(fd, job.final)
+            except OSError:
+                pass  # not ours to remove after all (permissions): still a miss
         finally:
+            if fd >= 0:
+                os.close(fd)
             job.release()
 
     def _read_batch(
@@ -705,7 +816,10 @@ class FsAdapter(L2Adapter):
                 return total
             try:
                 header = decode_header(os.pread(job.fd, ALIGN, 0))
-                if header.key != key or header.payload_len != total - ALIGN:
+                if header.key != key:
+                    self._corrupt(job, f"its header names another key ({header.key})", foreign=True)
+                    return None
+                if header.payload_len != total - ALIGN:
                     raise CorruptObjectError("header does not match the file")
             except CorruptObjectError as exc:
                 self._corrupt(job, str(exc))
@@ -717,11 +831,26 @@ class FsAdapter(L2Adapter):
     def _delete_sync(self, key: ObjectKey) -> bool:
         if not self._storable(key):
             return False
+        path = self._locate(key)[1]
+        if not self._framed:
+            try:
+                os.unlink(path)  # raw: the name is the object, by the directory's declaration
+            except FileNotFoundError:
+                return False
+            return True
         try:
-            os.unlink(self._locate(key)[1])
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
         except FileNotFoundError:
             return False
-        return True
+        try:
+            if not _holds_key(fd, key):
+                with self._count_lock:
+                    self.foreign_objects += 1
+                log.debug("fs adapter: %s is not ours; not deleted", path)
+                return False
+            return _unlink_if_same(fd, path)
+        finally:
+            os.close(fd)
 
     async def size(self, key: ObjectKey) -> int | None:
         # docstring inherited
@@ -772,30 +901,41 @@ class FsAdapter(L2Adapter):
         name = e.name
         if not name.endswith(".data"):
             return None  # temp files and anything that is not ours
+        hashed = self._framed and _HASHED_NAME_RE.fullmatch(name) is not None
+        named = None if hashed else self._parse_name(name)
+        if named is None and not hashed:
+            return None  # not an object name in this directory's format
+        if named is not None and not _wanted(named, model_name, cache_salt):
+            return None  # filtered out before the file is even opened
         try:
-            if _HASHED_NAME_RE.fullmatch(name):
-                if not self._framed:
-                    return None  # a raw file cannot say which key it holds
-                with open(e.path, "rb") as f:
-                    total = os.fstat(f.fileno()).st_size
-                    header = decode_header(f.read(ALIGN))
-                    mtime = os.fstat(f.fileno()).st_mtime
+            if self._framed:
+                # Ours only if the header says so: another program's file with an
+                # object-like name is never listed, so never accounted or evicted.
+                fd = os.open(e.path, os.O_RDONLY | _O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    head = os.pread(fd, ALIGN, 0)
+                finally:
+                    os.close(fd)
+                if head[: len(MAGIC)] != MAGIC:
+                    return None
+                header = decode_header(head)
                 key = header.key
-                if key.to_filename() != name or header.payload_len != total - ALIGN:
+                if named is None:
+                    if key.to_filename() != name:
+                        return None  # a hashed name whose header holds another key
+                elif key != named:
                     return None
-                size = header.payload_len
+                if header.payload_len != st.st_size - ALIGN:
+                    return None  # ours but torn: reads and fsck deal with it
+                size, mtime = header.payload_len, st.st_mtime
             else:
-                key = ObjectKey.from_filename(name)
-                if model_name is not None and key.model_name != model_name:
-                    return None
-                if cache_salt is not None and key.cache_salt != cache_salt:
-                    return None
+                assert named is not None
+                key = named
                 st = e.stat()
-                size, mtime = st.st_size - self._head, st.st_mtime
-                if size < 0:
-                    return None
-        except (InvalidKeyError, CorruptObjectError, FileNotFoundError):
-            return None  # not one of our objects, or gone since the listing
+                size, mtime = st.st_size, st.st_mtime
+        except (CorruptObjectError, OSError):
+            return None  # a bad header, unreadable, or gone since the listing
         if model_name is not None and key.model_name != model_name:
             return None
         if cache_salt is not None and key.cache_salt != cache_salt:
@@ -821,20 +961,24 @@ class FsAdapter(L2Adapter):
 
     # -- fsck -----------------------------------------------------------------------------
 
-    async def check(self, *, repair: bool = False) -> CheckReport:
-        """Verify every file under the data directories; change nothing unless ``repair``.
+    async def check(self, *, repair: bool = False, remove_foreign: bool = False) -> CheckReport:
+        """Verify every file under the data directories; change nothing unless asked.
 
         Every object file's header is decoded and its payload checksum verified, streamed
         in chunks of a few MiB (``raw`` files carry no checksum: they are only counted and
         sized). ``objects``/``bytes`` count every object file examined, corrupt ones
         included (their bytes as found on disk). Findings:
 
-        - ``corrupt``: a bad header, a truncated or over-long file, another key's object, a
-          checksum mismatch. Listed by wire key when the header is intact and names this
-          file's own key, else by path.
+        - ``corrupt``: an object of ours (it starts with our magic) with a bad header, a
+          truncated or over-long file, a checksum mismatch. Listed by wire key when the
+          header is intact, else by path.
         - ``temp_files``: ``.tmp-*.part`` files (interrupted or in-flight writes).
-        - ``foreign``: anything else, including object-like names in a directory where
-          :meth:`get` would never look for them. Never touched, even with ``repair``.
+        - ``foreign``: anything else: files without our magic (LMCache's, a user's), a
+          header that names another key than the filename, object-like names in a
+          directory where :meth:`get` would never look for them, names of another LMCache
+          generation in a raw directory. Never touched by ``repair``; with
+          ``remove_foreign`` the foreign files (never directories) are removed and counted
+          in ``foreign_removed``.
 
         With ``repair``, corrupt objects are removed only while their path still names the
         file that was checked (an object published meanwhile survives), and temp files by
@@ -845,13 +989,14 @@ class FsAdapter(L2Adapter):
         report = CheckReport()
         now = time.time()
         for group in await self._call("check", self._check_groups):
-            part = await self._call("check", self._check_dirs, group, repair, now)
+            part = await self._call("check", self._check_dirs, group, repair, remove_foreign, now)
             report.objects += part.objects
             report.bytes += part.bytes
             report.corrupt += part.corrupt
             report.temp_files += part.temp_files
             report.foreign += part.foreign
             report.removed += part.removed
+            report.foreign_removed += part.foreign_removed
         return report
 
     def _check_groups(self) -> list[list[tuple[str, bool]]]:
@@ -869,11 +1014,15 @@ class FsAdapter(L2Adapter):
                 groups.append([(top, False), *((d, True) for d in _subdirs(top))])
         return groups
 
-    def _check_dirs(self, group: list[tuple[str, bool]], repair: bool, now: float) -> CheckReport:
+    def _check_dirs(
+        self, group: list[tuple[str, bool]], repair: bool, remove_foreign: bool, now: float
+    ) -> CheckReport:
         report = CheckReport()
         scratch = aligned_buffer(_CHECK_CHUNK)  # per-thread cached; pages touched on use
         try:
-            self._check_entries(group, repair, now, report, scratch.view(_CHECK_CHUNK))
+            self._check_entries(
+                group, repair, remove_foreign, now, report, scratch.view(_CHECK_CHUNK)
+            )
         finally:
             scratch.release()
         return report
@@ -882,6 +1031,7 @@ class FsAdapter(L2Adapter):
         self,
         group: list[tuple[str, bool]],
         repair: bool,
+        remove_foreign: bool,
         now: float,
         report: CheckReport,
         chunk: memoryview,
@@ -906,6 +1056,8 @@ class FsAdapter(L2Adapter):
                 if d in self._roots and _STORE_FILES.fullmatch(name):
                     continue  # the store's quota state, kept next to the data by default
                 report.foreign.append(e.path)
+                if remove_foreign and _remove_foreign_file(e):
+                    report.foreign_removed += 1
 
     def _remove_temp_if_stale(self, e: os.DirEntry[str], now: float) -> bool:
         try:
@@ -923,11 +1075,8 @@ class FsAdapter(L2Adapter):
         if _HASHED_NAME_RE.fullmatch(name):
             if not self._framed:
                 return False  # raw files never use hashed names
-        else:
-            try:
-                ObjectKey.from_filename(name)
-            except InvalidKeyError:
-                return False
+        elif self._parse_name(name) is None:
+            return False
         # Placement depends only on the name, so a copy in the wrong shard or root is
         # something get() never reads: not ours to judge or remove.
         return self._dir_of(name) == d
@@ -935,7 +1084,7 @@ class FsAdapter(L2Adapter):
     def _check_object(
         self, d: str, e: os.DirEntry[str], repair: bool, report: CheckReport, chunk: memoryview
     ) -> bool:
-        """Examine one directory entry; False if it is not an object file (so foreign)."""
+        """Examine one directory entry; False if it is not an object file of ours (foreign)."""
         if not self._is_object_name(d, e.name) or not e.is_file(follow_symlinks=False):
             return False
         try:
@@ -944,11 +1093,17 @@ class FsAdapter(L2Adapter):
             return True  # deleted since the listing: nothing left to examine
         try:
             total = os.fstat(fd).st_size
+            if not self._framed:
+                report.objects += 1
+                report.bytes += total
+                return True
+            if not _starts_with_magic(fd):
+                return False  # another program's file with an object-like name
+            problem, wire = self._verify_file(fd, total, e.name, chunk)
+            if problem == _FOREIGN_HEADER:
+                return False  # our framing, another key's name: not this file's object
             report.objects += 1
             report.bytes += max(0, total - self._head)
-            if not self._framed:
-                return True
-            problem, wire = self._verify_file(fd, total, e.name, chunk)
             if problem is None:
                 return True
             report.corrupt.append(wire or e.path)
@@ -976,7 +1131,7 @@ class FsAdapter(L2Adapter):
         if head.header_len != ALIGN:
             return "the header is not padded to 4096 bytes", None
         if head.key.to_filename() != name:
-            return f"the header holds another key ({head.key})", None
+            return _FOREIGN_HEADER, None
         wire = head.key.to_wire()
         n = total - ALIGN
         if head.payload_len != n:
@@ -1044,6 +1199,54 @@ def _subdirs(d: str) -> Iterator[str]:
         return
     for n in names:
         yield os.path.join(d, n)
+
+
+def _wanted(key: ObjectKey, model_name: str | None, cache_salt: str | None) -> bool:
+    return (model_name is None or key.model_name == model_name) and (
+        cache_salt is None or key.cache_salt == cache_salt
+    )
+
+
+def _same_file(fd_a: int, fd_b: int) -> bool:
+    a, b = os.fstat(fd_a), os.fstat(fd_b)
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def _starts_with_magic(fd: int) -> bool:
+    """Whether the file open as ``fd`` (not O_DIRECT) starts with our framing magic."""
+    try:
+        return os.pread(fd, len(MAGIC), 0) == MAGIC
+    except OSError:
+        return False
+
+
+def _holds_key(fd: int, key: ObjectKey) -> bool:
+    """Whether the framed file open as ``fd`` is ours and ``key``'s to delete.
+
+    It must start with our magic; a header that decodes must name ``key`` (one that does
+    not decode is a torn object of ours, still ours to remove).
+    """
+    head = os.pread(fd, ALIGN, 0)
+    if head[: len(MAGIC)] != MAGIC:
+        return False
+    try:
+        return decode_header(head).key == key
+    except CorruptObjectError:
+        return True
+
+
+def _remove_foreign_file(e: os.DirEntry[str]) -> bool:
+    """``fsck --remove-foreign``: remove a foreign file (or link); never a directory."""
+    try:
+        if e.is_dir(follow_symlinks=False):
+            return False
+        os.unlink(e.path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("fs check: could not remove foreign file %s: %s", e.path, exc)
+        return False
+    return True
 
 
 def _unlink_if_same(fd: int, path: str) -> bool:

@@ -353,7 +353,7 @@ class GdsAdapter(FsAdapter):
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            os.rename(tmp, final)
+            self._publish(tmp, final)  # never over a file that is not ours
             tmp = ""
             if policy == "always":
                 _fsync_dir(directory)
@@ -409,7 +409,9 @@ class GdsAdapter(FsAdapter):
                 try:
                     head = decode_header(os.pread(job.fd, ALIGN, 0))
                     if head.key != key:
-                        raise CorruptObjectError(f"the header holds another key ({head.key})")
+                        why = f"its header names another key ({head.key})"
+                        self._corrupt(job, why, foreign=True)
+                        return None
                     if head.payload_len != n:
                         raise CorruptObjectError(
                             f"header says {head.payload_len} payload bytes, the file has {n}"

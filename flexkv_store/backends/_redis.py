@@ -9,6 +9,14 @@ verify the header (magic, key, lengths) and the payload checksum; a failure is a
 counted in ``corrupt_objects`` and deleted only if the stored value is still the one that
 failed. ``get`` copies the payload out of the reply once (a ``bytes`` slice).
 
+Data we did not write (DESIGN section 14). A key under the prefix is ours only if its value
+starts with our magic and its header names the very key its name parses to: a value of
+another program, or a deployment under a longer prefix (``prod:`` seen from ``""``, whose
+names parse as model ``prod:m``), is *foreign*: a miss for reads (``foreign_objects``),
+skipped by scans (never accounted or evicted), reported by ``check`` and removed only by
+``check(remove_foreign=True)``. Deletes run a script that checks magic and key in the
+server before unlinking, so they never remove a foreign value.
+
 Batches (measured on 2 cores, redis-py 8 + hiredis, Redis 7.0; see
 ``docs/backends.md``): pipelines of up to 4 MiB of small values run ~1.5x faster
 than one command per round trip (256 KiB SETs: 0.98 vs 0.62 GB/s), but deep pipelines of
@@ -52,7 +60,7 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, as_bytes_view, decode_header, frame, unframe
-from flexkv_store.keyformat._framing import MIN_HEADER_LEN
+from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN
 
 __all__ = ["RedisAdapter"]
 
@@ -78,12 +86,27 @@ _BATCH_CONCURRENCY: Final = 1
 #: Bytes of a corrupt value kept to recognise it again in the compare-and-delete script.
 _FINGERPRINT_LEN: Final = 4096
 
-# Atomically: nothing if the key is absent, else its length and first ARGV[1]+1 bytes.
-# One script instead of STRLEN + GETRANGE keeps both from one version of the value.
+# Atomically: nothing if the key is absent, else its length and first ARGV[1]+1 bytes
+# (length -1 for a value that is not a string: not ours). One script instead of STRLEN +
+# GETRANGE keeps both from one version of the value.
 _SIZE_SCRIPT: Final = """
-local n = redis.call('STRLEN', KEYS[1])
-if n == 0 and redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return {n, redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]))}
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return false end
+if t ~= 'string' then return {-1, ''} end
+return {redis.call('STRLEN', KEYS[1]), redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[1]))}
+"""
+
+# Unlink KEYS[1] only if it is ours and names the key ARGV[1] (its wire bytes): a string
+# that starts with our magic and whose header's key length and key are ARGV[1]'s. Anything
+# else (another program's value, another deployment's object) is left alone: returns 0.
+_DELETE_OURS_SCRIPT: Final = """
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return 0 end
+local wire = ARGV[1]
+local h = redis.call('GETRANGE', KEYS[1], 0, 23 + #wire)
+if #h < 24 + #wire or string.sub(h, 1, 4) ~= 'FKV1' then return 0 end
+local lo, hi = string.byte(h, 7, 8)
+if lo + 256 * hi ~= #wire or string.sub(h, 25, 24 + #wire) ~= wire then return 0 end
+return redis.call('UNLINK', KEYS[1])
 """
 
 # Delete KEYS[1] only if it still has length ARGV[1] and starts with ARGV[2]: a writer
@@ -112,6 +135,10 @@ _UNAVAILABLE: Final = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+class _Foreign(Exception):
+    """A value at an object's name that is not ours (no magic, or another key's header)."""
 
 
 @contextmanager
@@ -237,6 +264,8 @@ class RedisAdapter(L2Adapter):
         self._max_bulk = _DEFAULT_MAX_BULK
         #: Objects that failed their header or checksum check (each was a miss).
         self.corrupt_objects = 0
+        #: Values at an object's name that are not ours (each was a miss, left alone).
+        self.foreign_objects = 0
 
     # -- client set-up -----------------------------------------------------------------
 
@@ -333,12 +362,16 @@ class RedisAdapter(L2Adapter):
     # -- decoding and corruption -------------------------------------------------------
 
     def _decode(self, key: ObjectKey, raw: bytes) -> memoryview:
+        if raw[: len(MAGIC)] != MAGIC:
+            raise _Foreign("it does not start with our magic")
         header, payload = unframe(raw)
         if header.key != key:
-            raise CorruptObjectError(
-                f"object stored under {key.to_wire()!r} carries key {header.key.to_wire()!r}"
-            )
+            raise _Foreign(f"its header names another key ({header.key.to_wire()!r})")
         return payload
+
+    def _foreign(self, name: bytes, why: object) -> None:
+        self.foreign_objects += 1
+        log.debug("redis: %r is not ours (%s); a miss, left alone", name, why)
 
     async def _corrupt(self, name: bytes, raw: bytes, exc: CorruptObjectError) -> None:
         """Count and log a corrupt value, and delete it if it is still the same value."""
@@ -360,6 +393,9 @@ class RedisAdapter(L2Adapter):
             return None
         try:
             return self._decode(key, raw)
+        except _Foreign as exc:
+            self._foreign(name, exc)
+            return None
         except CorruptObjectError as exc:
             await self._corrupt(name, raw, exc)
             return None
@@ -423,8 +459,18 @@ class RedisAdapter(L2Adapter):
         with _seam("get"):
             if self._server_version is None:
                 await self._probe()
-            raw = await self._client.get(name)
-        return await self._payload(key, name, cast("bytes | None", raw))
+            raw = await self._get(name)
+        return await self._payload(key, name, raw)
+
+    async def _get(self, name: bytes) -> bytes | None:
+        """GET, with a value that is not a string (not ours) read as a miss."""
+        try:
+            return cast("bytes | None", await self._client.get(name))
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            self._foreign(name, "not a string")
+            return None
 
     async def get_into(self, key: ObjectKey, out: Buffer) -> int | None:
         # docstring inherited
@@ -433,8 +479,8 @@ class RedisAdapter(L2Adapter):
         with _seam("get_into"):
             if self._server_version is None:
                 await self._probe()
-            raw = await self._client.get(name)
-        payload = await self._verified(key, name, cast("bytes | None", raw))
+            raw = await self._get(name)
+        payload = await self._verified(key, name, raw)
         if payload is None:
             return None
         n = payload.nbytes
@@ -459,10 +505,14 @@ class RedisAdapter(L2Adapter):
         if reply is None:
             return None
         total, head = int(reply[0]), bytes(reply[1])
+        if total < 0 or head[: len(MAGIC)] != MAGIC:
+            self._foreign(name, "not a string of ours")
+            return None
         try:
             header = decode_header(head)
             if header.key != key or header.header_len != _header_len(wire):
-                raise CorruptObjectError("header names another key")
+                self._foreign(name, "its header names another key")
+                return None
             if header.payload_len != total - header.header_len:
                 raise CorruptObjectError(
                     f"stored length {total - header.header_len} does not match the header's "
@@ -486,12 +536,14 @@ class RedisAdapter(L2Adapter):
 
     async def delete(self, key: ObjectKey) -> bool:
         # docstring inherited
-        name, _ = self._name(key)
+        name, wire = self._name(key)
         with _seam("delete"):
             if self._server_version is None:
                 await self._probe()
-            # UNLINK frees large values in a background thread instead of blocking Redis.
-            return bool(await self._client.unlink(name))
+            # UNLINK (in the script) frees large values in a background thread.
+            return bool(
+                await self._client.eval(_DELETE_OURS_SCRIPT, 1, name, wire)  # type: ignore[misc]
+            )
 
     # -- batches -----------------------------------------------------------------------
 
@@ -589,14 +641,22 @@ class RedisAdapter(L2Adapter):
             chunk = names[start : start + _READ_GROUP]
             raws: list[bytes | None]
             if len(chunk) == 1:
-                raws = [cast("bytes | None", await self._client.get(chunk[0]))]
+                raws = [await self._get(chunk[0])]
             elif not cluster:
+                # MGET answers nil for a value that is not a string (not ours).
                 raws = cast("list[bytes | None]", list(await self._client.mget(chunk)))  # type: ignore[misc]
             else:
                 pipe = self._pipeline()
                 for n in chunk:
                     pipe.get(n)
-                raws = list(await pipe.execute())
+                raws = []
+                for n, r in zip(chunk, await pipe.execute(raise_on_error=False), strict=True):
+                    if isinstance(r, rexc.ResponseError) and str(r).startswith("WRONGTYPE"):
+                        self._foreign(n, "not a string")
+                        r = None
+                    elif isinstance(r, Exception):
+                        raise r
+                    raws.append(r)
             # Verify and copy each group's payloads as it arrives, dropping each reply
             # once copied: the allocator reuses its memory for the next group instead of
             # the whole batch's replies and payloads being alive at once (page faults).
@@ -636,15 +696,15 @@ class RedisAdapter(L2Adapter):
 
     async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
         # docstring inherited
-        names = [self._name(k)[0] for k in keys]
-        if not names:
+        named = [self._name(k) for k in keys]
+        if not named:
             return []
         with _seam("delete_many"):
             if self._server_version is None:
                 await self._probe()
             pipe = self._pipeline()
-            for n in names:
-                pipe.execute_command("UNLINK", n)
+            for name, wire in named:
+                pipe.eval(_DELETE_OURS_SCRIPT, 1, name, wire)
             return [bool(r) for r in await pipe.execute()]
 
     # -- listing -----------------------------------------------------------------------
@@ -653,6 +713,28 @@ class RedisAdapter(L2Adapter):
         self, model_name: str | None = None, cache_salt: str | None = None
     ) -> AsyncIterator[ObjectInfo]:
         # docstring inherited
+        async for infos, _ in self._scan_pages(model_name, cache_salt):
+            for info in infos:
+                yield info
+
+    async def scan_foreign(self) -> AsyncIterator[str]:
+        # docstring inherited
+        async for _, foreign in self._scan_pages(None, None):
+            for name in foreign:
+                yield name.decode("utf-8", "surrogateescape")
+
+    async def remove_foreign(self, name: str) -> bool:
+        # docstring inherited
+        raw = name.encode("utf-8", "surrogateescape")
+        if not raw.startswith(self._prefix):
+            return False  # never outside our prefix
+        with _seam("remove foreign"):
+            return bool(await self._client.unlink(raw))
+
+    async def _scan_pages(
+        self, model_name: str | None, cache_salt: str | None
+    ) -> AsyncIterator[tuple[list[ObjectInfo], list[bytes]]]:
+        """``(our objects, foreign names)`` for each SCAN page of the names under the prefix."""
         pattern = _GLOB_SPECIAL.sub(rb"\\\1", self._prefix) + b"*"
         with _seam("scan"):
             if self._server_version is None:
@@ -667,17 +749,16 @@ class RedisAdapter(L2Adapter):
                 with _seam("scan"):
                     cursor, names = await self._scan_page(node, cursor, pattern)
                 keys: list[tuple[ObjectKey, bytes]] = []
-                for name in names:
-                    key = self._parse(bytes(name))
+                foreign: list[bytes] = []
+                for name in map(bytes, names):
+                    key = self._parse(name)
                     if key is None:
-                        continue
-                    if model_name is not None and key.model_name != model_name:
-                        continue
-                    if cache_salt is not None and key.cache_salt != cache_salt:
-                        continue
-                    keys.append((key, bytes(name)))
-                for info in await self._infos(keys):
-                    yield info
+                        foreign.append(name)
+                    elif (model_name is None or key.model_name == model_name) and (
+                        cache_salt is None or key.cache_salt == cache_salt
+                    ):
+                        keys.append((key, name))
+                yield await self._classify(keys, foreign)
                 if cursor == 0:
                     break
 
@@ -689,7 +770,7 @@ class RedisAdapter(L2Adapter):
         return int(cur), list(names)
 
     def _parse(self, name: bytes) -> ObjectKey | None:
-        """The key a Redis key name stands for, or None for foreign keys under the prefix."""
+        """The key a Redis key name stands for, or None for names that are no key's."""
         if not name.startswith(self._prefix):
             return None
         try:
@@ -697,31 +778,51 @@ class RedisAdapter(L2Adapter):
         except (UnicodeDecodeError, ValueError):
             return None
 
-    async def _infos(self, keys: list[tuple[ObjectKey, bytes]]) -> list[ObjectInfo]:
-        """Sizes (STRLEN minus the header length) and ages, one pipeline for a scan page."""
+    async def _classify(
+        self, keys: list[tuple[ObjectKey, bytes]], foreign: list[bytes]
+    ) -> tuple[list[ObjectInfo], list[bytes]]:
+        """Which of a scan page's well-named keys are ours, from their headers (one pipeline).
+
+        Ours: a string starting with our magic whose header names the key its name parses
+        to (a header of ours that no longer decodes is a corrupt object of ours: listed,
+        so that reads and ``check`` deal with it). Everything else joins ``foreign``.
+        """
         if not keys:
-            return []
+            return [], foreign
         with _seam("scan"):
             pipe = self._pipeline()
             for _, name in keys:
-                pipe.strlen(name)
+                pipe.eval(_SIZE_SCRIPT, 1, name, _header_len(name[len(self._prefix) :]) - 1)
                 pipe.object("idletime", name)
             replies = await pipe.execute(raise_on_error=False)
         now = time.time()
         infos = []
         for i, (key, name) in enumerate(keys):
-            total, idle = replies[2 * i], replies[2 * i + 1]
-            if isinstance(total, Exception):
-                continue  # not a string: not ours
-            size = int(total) - _header_len(name[len(self._prefix) :])
-            if int(total) == 0 or size < 0:
-                continue  # deleted since SCAN saw it, or too short to be an object
+            reply, idle = replies[2 * i], replies[2 * i + 1]
+            if reply is None:
+                continue  # deleted since SCAN saw it
+            if isinstance(reply, Exception):
+                raise StorageError(f"redis: scan: {reply}")
+            total, head = int(reply[0]), bytes(reply[1])
+            header_len = _header_len(name[len(self._prefix) :])
+            if total < header_len or head[: len(MAGIC)] != MAGIC:
+                foreign.append(name)
+                continue
+            try:
+                header = decode_header(head)
+            except CorruptObjectError:
+                size = total - header_len  # ours, torn: a read finds it corrupt
+            else:
+                if header.key != key:
+                    foreign.append(name)  # e.g. a deployment under a longer prefix
+                    continue
+                size = header.payload_len
             # Redis keeps no mtime; idle time (seconds since last access) is the closest
             # fact it has, and what LRU rebuilding needs. Under an LFU maxmemory policy
             # OBJECT IDLETIME is refused: report "now".
             age = 0 if isinstance(idle, Exception) or idle is None else int(idle)
             infos.append(ObjectInfo(key, size, now - age))
-        return infos
+        return infos, foreign
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -18,6 +18,16 @@ breaks off mid-read, which botocore does not retry) with capped exponential back
 full jitter, up to ``max_attempts`` attempts per request. What still fails is mapped at
 one seam: unreachable or overloaded service -> BackendUnavailableError, NoSuchKey -> a
 miss, anything else -> StorageError.
+
+Data we did not write (DESIGN section 14). An object under the prefix is ours only if it
+starts with our magic and its header names the key its name parses to, so a deployment
+under a longer prefix (``prod/canary/`` seen from ``prod/``, whose names parse as model
+``canary/m``) or another program's object is *foreign*: a miss for reads
+(``foreign_objects``), skipped by ``scan`` (never accounted or evicted; listing therefore
+costs one ranged GET of the header per object), reported by ``check`` and removed only by
+``check(remove_foreign=True)``. ``delete`` reads the header first and removes only ours
+(S3 has no compare-and-delete, so an overwrite in the milliseconds between the two
+requests is the one window left).
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, decode_header, frame, overlong_filename, unframe
-from flexkv_store.keyformat._framing import MIN_HEADER_LEN
+from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN
 
 __all__ = ["S3Adapter"]
 
@@ -87,6 +97,10 @@ _RETRY_CODES: Final = frozenset(
 )
 _MISS_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound", "InvalidRange"})
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+#: An object name's rest (after the prefix) in the hashed form used past 1024 bytes.
+_HASHED = re.compile(r"h-[0-9a-f]{64}\.data")
+#: What _listed_info returns for an object that is not ours.
+_FOREIGN: Final = object()
 
 # botocore's loader caches the parsed service models (S3's is ~1 MB of JSON): sharing it
 # makes opening an adapter ~4x cheaper. Credentials are still resolved per adapter.
@@ -180,6 +194,8 @@ class S3Adapter(L2Adapter):
         self._lock = threading.Lock()
         #: Objects that failed their header or checksum check (each was a miss).
         self.corrupt_objects = 0
+        #: Objects at an object's name that are not ours (each was a miss, left alone).
+        self.foreign_objects = 0
         #: Attempts that failed and were retried.
         self.retries = 0
 
@@ -329,19 +345,36 @@ class S3Adapter(L2Adapter):
                 raise r
         return buf
 
-    def _verify(self, key: ObjectKey, name: str, raw: bytes | bytearray) -> memoryview | None:
+    def _verify(
+        self, key: ObjectKey, name: str, raw: bytes | bytearray
+    ) -> tuple[memoryview | None, bool]:
+        """``(payload, False)`` if verified, else ``(None, whether it is ours and corrupt)``.
+
+        Only a corrupt object of ours (it starts with our magic) may be dropped; one that
+        is not ours is a miss and stays as it is.
+        """
+        if bytes(raw[: len(MAGIC)]) != MAGIC:
+            self._foreign(name, "it does not start with our magic")
+            return None, False
         try:
             header, payload = unframe(raw)
-            if header.key != key:
-                raise CorruptObjectError(
-                    f"object {name!r} carries key {header.key.to_wire()!r}, not {key.to_wire()!r}"
-                )
-            return payload
         except CorruptObjectError as exc:
-            with self._lock:
-                self.corrupt_objects += 1
-            log.warning("s3: corrupt object %r treated as a miss: %s", name, exc)
-            return None
+            self._corrupt(name, exc)
+            return None, True
+        if header.key != key:
+            self._foreign(name, f"its header names {header.key.to_wire()!r}")
+            return None, False
+        return payload, False
+
+    def _corrupt(self, name: str, why: object) -> None:
+        with self._lock:
+            self.corrupt_objects += 1
+        log.warning("s3: corrupt object %r treated as a miss: %s", name, why)
+
+    def _foreign(self, name: str, why: object) -> None:
+        with self._lock:
+            self.foreign_objects += 1
+        log.debug("s3: %r is not ours (%s); a miss, left alone", name, why)
 
     async def _drop(self, name: str) -> None:
         # S3 has no compare-and-delete; a corrupt object is removed unconditionally. A
@@ -362,8 +395,8 @@ class S3Adapter(L2Adapter):
         raw = await self._fetch(name)
         if raw is None:
             return None
-        payload = self._verify(key, name, raw)
-        if payload is None:
+        payload, corrupt = self._verify(key, name, raw)
+        if corrupt:
             await self._drop(name)
         return payload
 
@@ -400,14 +433,18 @@ class S3Adapter(L2Adapter):
             head, resp = b"", {}  # a zero-byte object: corrupt
         m = _RANGE.fullmatch(str(resp.get("ContentRange", "")))
         total = int(m.group(3)) if m else len(head)
+        if head[: len(MAGIC)] != MAGIC:
+            self._foreign(name, "it does not start with our magic")
+            return None
         try:
             header = decode_header(head)
-            if header.key != key or header.payload_len != total - header.header_len:
-                raise CorruptObjectError("header does not match the key or the object length")
+            if header.key != key:
+                self._foreign(name, f"its header names {header.key.to_wire()!r}")
+                return None
+            if header.payload_len != total - header.header_len:
+                raise CorruptObjectError("the header does not match the object's length")
         except CorruptObjectError as exc:
-            with self._lock:
-                self.corrupt_objects += 1
-            log.warning("s3: corrupt object %r treated as a miss: %s", name, exc)
+            self._corrupt(name, exc)
             await self._drop(name)
             return None
         return header.payload_len
@@ -502,11 +539,37 @@ class S3Adapter(L2Adapter):
             return False
         return True
 
+    async def _ours(self, name: str, key: ObjectKey) -> bool:
+        """Whether ``name`` holds an object of ours for ``key`` (its header, one ranged GET).
+
+        A header of ours that no longer decodes is a corrupt object of ours: True.
+        """
+        hlen = MIN_HEADER_LEN + len(key.to_wire().encode("utf-8"))
+        try:
+            head, _ = await self._call(
+                "delete", lambda: self._get_range(name, 0, hlen - 1, None), misses=True
+            )
+        except _Miss as exc:
+            if _code(exc.__cause__)[1] == 416:  # type: ignore[arg-type]
+                self._foreign(name, "an empty object")
+            return False
+        if head[: len(MAGIC)] != MAGIC:
+            self._foreign(name, "it does not start with our magic; not deleted")
+            return False
+        try:
+            if decode_header(head).key != key:
+                self._foreign(name, "its header names another key; not deleted")
+                return False
+        except CorruptObjectError:
+            pass
+        return True
+
     async def delete(self, key: ObjectKey) -> bool:
         # docstring inherited
-        # S3 answers 204 whether or not the object existed, so ask first.
+        # S3 answers 204 whether or not the object existed, so ask first (and whether it
+        # is ours: another program's object is never deleted).
         name = self.object_name(key)
-        existed = await self._head(name)
+        existed = await self._ours(name, key)
         if existed:
             await self._call(
                 "delete",
@@ -517,7 +580,8 @@ class S3Adapter(L2Adapter):
     async def delete_many(self, keys: Sequence[ObjectKey]) -> list[bool]:
         # docstring inherited
         names = [self.object_name(k) for k in keys]
-        existed = await self._run_many(self._head, names)
+        pairs = list(zip(names, keys, strict=True))
+        existed = await self._run_many(lambda nk: self._ours(*nk), pairs)
         doomed = sorted({n for n, e in zip(names, existed, strict=True) if e})
         bucket = self.config.bucket
         for i in range(0, len(doomed), 1000):  # DeleteObjects takes up to 1000 names
@@ -545,6 +609,32 @@ class S3Adapter(L2Adapter):
         self, model_name: str | None = None, cache_salt: str | None = None
     ) -> AsyncIterator[ObjectInfo]:
         # docstring inherited
+        async for infos, _ in self._scan_pages(model_name, cache_salt):
+            for info in infos:
+                yield info
+
+    async def scan_foreign(self) -> AsyncIterator[str]:
+        # docstring inherited
+        async for _, foreign in self._scan_pages(None, None):
+            for name in foreign:
+                yield name
+
+    async def remove_foreign(self, name: str) -> bool:
+        # docstring inherited
+        if not name.startswith(self.config.prefix):
+            return False  # never outside our prefix
+        existed = await self._head(name)
+        if existed:
+            await self._call(
+                "remove foreign",
+                lambda: self._client.delete_object(Bucket=self.config.bucket, Key=name),
+            )
+        return existed
+
+    async def _scan_pages(
+        self, model_name: str | None, cache_salt: str | None
+    ) -> AsyncIterator[tuple[list[ObjectInfo], list[str]]]:
+        """``(our objects, foreign names)`` for each listing page under the prefix."""
         prefix = self.config.prefix
         # Wire names start with the model name: list only that model's names (and the
         # hashed names, which may hold any key).
@@ -553,25 +643,33 @@ class S3Adapter(L2Adapter):
             token: str | None = None
             while True:
                 page = await self._list_page(list_prefix, token)
-                hashed: list[tuple[str, int, float]] = []
+                listed: list[tuple[str, int, float, ObjectKey | None]] = []
+                foreign: list[str] = []
                 for obj in page.get("Contents", []):
                     name, total = str(obj["Key"]), int(obj["Size"])
                     mtime = obj["LastModified"].timestamp()
                     rest = name[len(prefix) :]
-                    if "@" not in rest:
-                        if rest.startswith("h-") and rest.endswith(".data"):
-                            hashed.append((name, total, mtime))
+                    if _HASHED.fullmatch(rest):
+                        listed.append((name, total, mtime, None))
                         continue
                     try:
                         key = ObjectKey.from_wire(rest)
                     except ValueError:
-                        continue  # a foreign object under our prefix
-                    size = total - MIN_HEADER_LEN - len(rest.encode("utf-8"))
-                    if size >= 0 and _wanted(key, model_name, cache_salt):
-                        yield ObjectInfo(key, size, mtime)
-                for info in await self._run_many(self._hashed_info, hashed):
-                    if info is not None and _wanted(info.key, model_name, cache_salt):
-                        yield info
+                        foreign.append(name)
+                        continue
+                    if _wanted(key, model_name, cache_salt):
+                        listed.append((name, total, mtime, key))
+                infos = []
+                for name, info in zip(
+                    (item[0] for item in listed),
+                    await self._run_many(self._listed_info, listed),
+                    strict=True,
+                ):
+                    if info is _FOREIGN:
+                        foreign.append(name)
+                    elif isinstance(info, ObjectInfo) and _wanted(info.key, model_name, cache_salt):
+                        infos.append(info)
+                yield infos, foreign
                 if not page.get("IsTruncated"):
                     break
                 token = page.get("NextContinuationToken")
@@ -589,22 +687,39 @@ class S3Adapter(L2Adapter):
         )
         return page
 
-    async def _hashed_info(self, item: tuple[str, int, float]) -> ObjectInfo | None:
-        """Key and size of a hashed-name object, from its header (one ranged GET)."""
-        name, total, mtime = item
+    async def _listed_info(
+        self, item: tuple[str, int, float, ObjectKey | None]
+    ) -> ObjectInfo | object | None:
+        """A listed object's info from its header (one ranged GET), or _FOREIGN, or None.
+
+        ``key`` is what the name parses to (None for a hashed name, whose key only the
+        header holds). Ours: our magic and a header naming that key (for a hashed name, a
+        key whose hashed name this is). A header of ours that no longer decodes is listed
+        (a read finds it corrupt); None when the object is gone since the listing.
+        """
+        name, total, mtime, key = item
+        hlen = _MAX_HEADER if key is None else MIN_HEADER_LEN + len(key.to_wire().encode("utf-8"))
         try:
             head, _ = await self._call(
-                "scan header",
-                lambda: self._get_range(name, 0, _MAX_HEADER - 1, None),
-                misses=True,
+                "scan header", lambda: self._get_range(name, 0, hlen - 1, None), misses=True
             )
-            header = decode_header(head)
-        except _Miss:
+        except _Miss as exc:
+            if _code(exc.__cause__)[1] == 416:  # type: ignore[arg-type]
+                return _FOREIGN  # an empty object
             return None  # deleted since it was listed
+        if head[: len(MAGIC)] != MAGIC:
+            return _FOREIGN
+        try:
+            header = decode_header(head)
         except CorruptObjectError:
-            return None
-        if self.config.prefix + overlong_filename(header.key.to_wire()) != name:
-            return None  # a header that does not belong to this name
+            if key is None:
+                return None  # torn, and nothing says whose: a read of its key deals with it
+            return ObjectInfo(key, max(0, total - hlen), mtime)
+        if key is None:
+            if self.config.prefix + overlong_filename(header.key.to_wire()) != name:
+                return _FOREIGN  # a header that does not belong to this name
+        elif header.key != key:
+            return _FOREIGN  # e.g. a deployment under a longer prefix
         return ObjectInfo(header.key, total - header.header_len, mtime)
 
     # -- lifecycle ---------------------------------------------------------------------

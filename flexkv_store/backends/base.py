@@ -75,10 +75,13 @@ class CheckReport:
     corrupt: list[str] = field(default_factory=list)
     #: Leftover temporary files of interrupted writes (paths).
     temp_files: list[str] = field(default_factory=list)
-    #: Files that are neither objects nor temp files (left alone; paths).
+    #: What is not ours: files or keys without our header, or whose header names another
+    #: key (paths or names; left alone unless ``remove_foreign``). DESIGN section 14.
     foreign: list[str] = field(default_factory=list)
     #: Corrupt objects and temp files removed (with ``repair=True``).
     removed: int = 0
+    #: Foreign objects removed (with ``remove_foreign=True``, ``fsck --remove-foreign``).
+    foreign_removed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -244,13 +247,16 @@ class L2Adapter(ABC):
         """Delete each of ``keys``; whether each existed, in order."""
         return await self._run_many(self.delete, list(keys))
 
-    async def check(self, *, repair: bool = False) -> CheckReport:
+    async def check(self, *, repair: bool = False, remove_foreign: bool = False) -> CheckReport:
         """Verify every stored object; with ``repair``, remove what is corrupt or torn.
+
+        What is not ours (:meth:`scan_foreign`) is listed in ``foreign`` and removed only
+        with ``remove_foreign`` (``fsck --remove-foreign``), never by ``repair``.
 
         Note to implementers: the default lists with :meth:`scan` and reads each object
         with :meth:`get` (with :attr:`delete_corrupt` off unless repairing), counting listed
-        objects that read back as misses as corrupt. Override it to find temp files or to
-        verify without reading whole objects.
+        objects that read back as misses as corrupt, then lists :meth:`scan_foreign`.
+        Override it to find temp files or to verify without reading whole objects.
         """
         report = CheckReport()
         previous = self.delete_corrupt
@@ -267,7 +273,28 @@ class L2Adapter(ABC):
                             report.removed += 1
         finally:
             self.delete_corrupt = previous
+        async for name in self.scan_foreign():
+            report.foreign.append(name)
+            if remove_foreign and await self.remove_foreign(name):
+                report.foreign_removed += 1
         return report
+
+    async def scan_foreign(self) -> AsyncIterator[str]:
+        """Names in this adapter's namespace (its prefix) that are not its objects.
+
+        Values without our header, or whose header names another key than the name does
+        (DESIGN section 14): what :meth:`scan` skips and :meth:`check` reports as foreign.
+        The default (for adapters that own their whole namespace, like memory) is none.
+        """
+        return
+        yield  # an async generator that yields nothing
+
+    async def remove_foreign(self, name: str) -> bool:
+        """Remove one name :meth:`scan_foreign` listed (``fsck --remove-foreign`` only).
+
+        Nothing else may delete what is not ours. ``True`` if it was removed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} lists no foreign objects")
 
     async def aclose(self) -> None:
         """Release clients, rings and file descriptors. Idempotent."""

@@ -18,7 +18,15 @@ import math
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from flexkv_store.errors import ConfigError
 
@@ -113,6 +121,10 @@ class FsConfig(AdapterConfig):
     layout: Literal["sharded", "flat"] = "sharded"
     #: ``framed`` (header with key and checksum) or ``raw`` (payload only, LMCache files).
     format: Literal["framed", "raw"] = "framed"
+    #: With ``format: raw``, which LMCache generation's names the directory holds: ``"0.4"``
+    #: (LMCache 0.4.4-0.4.6, the 3/4-field names) or ``"0.5"`` (0.4.7-0.5.x, with an
+    #: ``object_group_id`` field; group 0 is read and written, other groups skipped).
+    lmcache: Literal["0.4", "0.5"] = "0.4"
     #: ``never``, ``data`` (fdatasync before publishing) or ``always`` (also the directory).
     fsync: Literal["never", "data", "always"] = "never"
     #: Threads of the thread-pool engine (and of the io_uring engine's fallback work).
@@ -126,6 +138,23 @@ class FsConfig(AdapterConfig):
         if not v or any(not p.strip() for p in dirs):
             raise ValueError("must name at least one directory; separate several with ';'")
         return v
+
+    @field_validator("lmcache", mode="before")
+    @classmethod
+    def _generation(cls, v: Any) -> Any:
+        # YAML reads an unquoted 0.5 as a float; accept it as the version it spells.
+        if isinstance(v, float) and v in (0.4, 0.5):
+            return str(v)
+        return v
+
+    @model_validator(mode="after")
+    def _lmcache_needs_raw(self) -> FsConfig:
+        if self.lmcache != "0.4" and self.format != "raw":
+            raise ValueError(
+                "lmcache: '0.5' names LMCache files in a format: raw directory; framed "
+                "objects always use the 0.4 names (set format: raw, or drop lmcache)"
+            )
+        return self
 
     @property
     def paths(self) -> list[str]:

@@ -74,11 +74,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 con.print(f"  corrupt: {what}")
             for path in r.temp_files:
                 con.print(f"  temp file: {path}")
-            for path in r.foreign:
+            for path in map(_printable, r.foreign):
                 if args.remove_foreign:
-                    con.print(f"  not ours: {path}")
+                    con.print(f"  not ours: {path}", markup=False)
                 else:
-                    con.print(f"  [dim]not ours (left alone): {path}[/dim]")
+                    con.print(f"  not ours (left alone): {path}", style="dim", markup=False)
             if args.remove_foreign:
                 con.print(f"  removed {r.foreign_removed} foreign object(s)")
             if args.repair:
@@ -132,3 +132,8 @@ async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
         return report
     finally:
         await acct.close()
+
+
+def _printable(name: str) -> str:
+    """A foreign name as text a terminal can show (undecodable bytes as escapes)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
