@@ -15,6 +15,7 @@ engines that call from threads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -58,6 +59,9 @@ from flexkv_store.quota import (
 __all__ = ["BlockingStore", "Store", "open_store"]
 
 log = logging.getLogger(__name__)
+
+#: Bytes of chunk buffers a store keeps for block copies (allocated on demand, reused).
+BLOCK_POOL_BYTES = 1 << 30
 _T = TypeVar("_T")
 
 
@@ -157,6 +161,8 @@ class Store:
         self._gens = Generations()
         self._suspects = Suspects()
         self._last_repair = 0.0
+        #: Chunk buffers of put_blocks/get_blocks (a transfer BufferPool), made on first use.
+        self._block_pool: Any = None
         self._repair_task: asyncio.Task[None] | None = None
         self.quota = QuotaManager(
             self.accounting, evict=self._evict, lock=self._locks.exclusive, state=quota_state
@@ -1145,11 +1151,35 @@ class Store:
         Chunk ``i`` is ``keys[i]`` and covers ``block_ids[i*b:(i+1)*b]`` with
         ``b = len(block_ids) // len(keys)`` (which must divide exactly). ``block_size`` is
         needed only for the ``sglang`` layout, whose tensors do not show it.
+
+        The gathers run in a worker thread, never on the event loop, and the gather of one
+        chunk overlaps the writes of the chunks before it (a few chunks in flight, bounded
+        by the buffer pool). Raises what :meth:`put_many` raises for a chunk stored nowhere
+        (the first such chunk's error), after every chunk has finished.
         """
-        from flexkv_store.transfer._store_glue import put_blocks
+        from flexkv_store.transfer._pipeline import BlockCopier
 
         async with self._call():
-            await put_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
+            ks = [check_key(k) for k in keys]
+            copier = BlockCopier(
+                self._blocks_pool(), kv_caches, block_ids, layout, len(ks), block_size=block_size
+            )
+            slots = asyncio.Semaphore(copier.depth)
+
+            async def one(i: int) -> None:
+                async with slots:
+                    buf = await copier.gather(i)
+                    try:
+                        await self.put_many([(ks[i], buf)])
+                    finally:
+                        copier.release(buf)
+
+            results = await asyncio.gather(
+                *(one(i) for i in range(len(ks))), return_exceptions=True
+            )
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
 
     async def get_blocks(
         self,
@@ -1162,12 +1192,73 @@ class Store:
     ) -> int:
         """Load the leading chunks that exist and scatter them into the blocks.
 
-        Stops at the first miss; returns how many chunks were loaded.
+        Stops at the first chunk that is missing (or whose size does not match the caches'
+        layout, e.g. another dtype), so the caller recomputes from there; returns how many
+        chunks were loaded. Blocks after the loaded ones are never written. Reads run a few
+        chunks ahead of the scatters, which run in a worker thread, never on the loop.
         """
-        from flexkv_store.transfer._store_glue import get_blocks
+        from flexkv_store.transfer._pipeline import BlockCopier
 
         async with self._call():
-            return await get_blocks(self, keys, kv_caches, block_ids, layout, block_size=block_size)
+            ks = [check_key(k) for k in keys]
+            copier = BlockCopier(
+                self._blocks_pool(), kv_caches, block_ids, layout, len(ks), block_size=block_size
+            )
+            present = await self.lookup_prefix(ks)
+            return await self._load_chunks(ks[:present], copier)
+
+    async def _load_chunks(self, keys: list[ObjectKey], copier: Any) -> int:
+        """Read ``keys`` in order into pooled buffers and scatter each; stop at a mismatch."""
+
+        async def read(i: int) -> tuple[Any, int | None]:
+            buf = await copier.buffer()
+            try:
+                try:
+                    n = await self.get_into(keys[i], buf)
+                except BufferTooSmallError as exc:
+                    n = exc.needed  # larger than the layout's chunk: a mismatch below
+            except BaseException:
+                copier.release(buf)
+                raise
+            return buf, n
+
+        window: collections.deque[asyncio.Task[tuple[Any, int | None]]] = collections.deque()
+        started = loaded = 0
+        try:
+            while loaded < len(keys):
+                while started < len(keys) and len(window) < copier.depth:
+                    window.append(asyncio.ensure_future(read(started)))
+                    started += 1
+                buf, n = await window.popleft()
+                try:
+                    if n != copier.chunk_nbytes:
+                        if n is not None:
+                            log.warning(
+                                "chunk %s has %s bytes, the caches' layout needs %d: not loaded",
+                                keys[loaded].to_wire(), n, copier.chunk_nbytes,
+                            )  # fmt: skip
+                        break
+                    await copier.scatter(loaded, buf)
+                    loaded += 1
+                finally:
+                    copier.release(buf)
+        finally:
+            # Reads still in flight (after a miss, an error or a cancellation): stopped, and
+            # the buffers of those that finished anyway handed back.
+            for task in window:
+                task.cancel()
+            for outcome in await asyncio.gather(*window, return_exceptions=True):
+                if isinstance(outcome, tuple):
+                    copier.release(outcome[0])
+        return loaded
+
+    def _blocks_pool(self) -> Any:
+        """The chunk buffer pool of put_blocks/get_blocks, made on first use."""
+        if self._block_pool is None:
+            from flexkv_store.transfer._pool import BufferPool
+
+            self._block_pool = BufferPool(BLOCK_POOL_BYTES)
+        return self._block_pool
 
     # -- reporting ---------------------------------------------------------------------
 

@@ -551,7 +551,7 @@ async def test_put_blocks_cancelled_while_waiting_for_a_buffer_leaks_nothing() -
     async with Store([MemoryAdapter()]) as store:
         chunk = 2 * 16 * 2 * 8 * 2 * 4  # 4 blocks per chunk, fp16
         pool = BufferPool(chunk)
-        store._block_pool = pool  # type: ignore[attr-defined]
+        store._block_pool = pool
         held_buf = pool.acquire((chunk,), torch.uint8)
         task = asyncio.create_task(store.put_blocks([key(1)], caches, [0, 1, 2, 3], "vllm"))
         await asyncio.sleep(0.05)

@@ -1,0 +1,152 @@
+"""``Store.put_blocks`` / ``Store.get_blocks``: round trips in every layout, copies off the
+event loop, a gather overlapping the writes before it, and loads that stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import Any
+
+import pytest
+import torch
+from test_transfer import block, make_caches, zeros_like_caches
+
+from flexkv_store.backends._memory import MemoryAdapter
+from flexkv_store.keyformat import ObjectKey
+from flexkv_store.store import Store
+from flexkv_store.transfer import LAYOUTS, _pipeline
+from flexkv_store.transfer._pool import BufferPool
+
+BS, H, D, LAYERS, NB = 4, 2, 8, 3, 32
+
+
+def _keys(n: int, salt: str = "") -> list[ObjectKey]:
+    return [ObjectKey("m", 0, bytes([i + 1]), salt) for i in range(n)]
+
+
+def _same_blocks(a: list[Any], b: list[Any], layout: str, ids: list[int]) -> bool:
+    planes = 1 if layout == "mla" else 2
+
+    def bits(caches: list[Any], layer: int, kv: int, i: int) -> torch.Tensor:
+        # bit patterns, not values: random bytes hold NaNs, which never compare equal
+        return block(caches, layout, BS, layer, kv, i).contiguous().view(torch.uint8)
+
+    return all(
+        torch.equal(bits(a, layer, kv, i), bits(b, layer, kv, i))
+        for layer in range(LAYERS)
+        for kv in range(planes)
+        for i in ids
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+async def test_round_trip_with_random_block_ids(layout: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    src = make_caches(layout, LAYERS, NB, BS, H, D, dtype, gen)
+    dst = zeros_like_caches(src)
+    ids = random.Random(2).sample(range(NB), 12)  # 6 chunks of 2 blocks, in any order
+    bs = BS if layout == "sglang" else None
+    async with Store([MemoryAdapter()]) as store:
+        await store.put_blocks(_keys(6), src, ids, layout, block_size=bs)
+        assert await store.get_blocks(_keys(6), dst, ids, layout, block_size=bs) == 6
+        assert store._block_pool.in_use_bytes == 0
+    assert _same_blocks(src, dst, layout, ids)
+
+
+class _Gated(MemoryAdapter):
+    """A memory backend whose puts wait for a gate (the store's I/O, held up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def put(self, key: ObjectKey, data: Any) -> None:
+        self.waiting += 1
+        await self.gate.wait()
+        await super().put(key, data)
+
+
+async def test_copies_run_off_the_loop_and_overlap_the_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, int]] = []
+    real_gather, real_scatter = _pipeline.gather_blocks, _pipeline.scatter_blocks
+
+    def gather(*args: Any, **kw: Any) -> Any:
+        seen.append(("gather", threading.get_ident()))
+        return real_gather(*args, **kw)
+
+    def scatter(*args: Any, **kw: Any) -> Any:
+        seen.append(("scatter", threading.get_ident()))
+        return real_scatter(*args, **kw)
+
+    monkeypatch.setattr(_pipeline, "gather_blocks", gather)
+    monkeypatch.setattr(_pipeline, "scatter_blocks", scatter)
+    gen = torch.Generator().manual_seed(3)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    backend = _Gated()
+    async with Store([backend]) as store:
+        task = asyncio.create_task(store.put_blocks(_keys(8), src, list(range(16)), "vllm"))
+        try:
+            for _ in range(300):
+                if backend.waiting and sum(1 for w, _ in seen if w == "gather") >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            # The first chunk's write is held up, and the next chunk was gathered meanwhile.
+            assert backend.waiting >= 1
+            assert sum(1 for what, _ in seen if what == "gather") >= 2
+            assert not task.done()
+        finally:
+            backend.gate.set()
+        await task
+        dst = zeros_like_caches(src)
+        assert await store.get_blocks(_keys(8), dst, list(range(16)), "vllm") == 8
+    assert {w for w, _ in seen} == {"gather", "scatter"}
+    assert all(t != loop_thread for _, t in seen), "a copy ran on the event loop's thread"
+    assert _same_blocks(src, dst, "vllm", list(range(16)))
+
+
+async def test_a_load_stops_at_the_first_mismatch_and_writes_nothing_after_it() -> None:
+    gen = torch.Generator().manual_seed(4)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(5).sample(range(NB), 16)  # 8 chunks of 2 blocks
+    keys = _keys(8)
+    async with Store([MemoryAdapter()]) as store:
+        await store.put_blocks(keys, src, ids, "vllm")
+        await store.put(keys[3], b"not a chunk of this layout")  # chunk 3 has the wrong size
+        dst = zeros_like_caches(src)
+        assert await store.get_blocks(keys, dst, ids, "vllm") == 3
+        assert _same_blocks(src, dst, "vllm", ids[:6])
+        untouched = zeros_like_caches(src)
+        assert _same_blocks(untouched, dst, "vllm", ids[6:]), "blocks after the miss were written"
+        assert store._block_pool.in_use_bytes == 0, "reads in flight after the miss leaked"
+        # a missing first chunk loads nothing
+        assert await store.get_blocks(_keys(2, "other"), dst, ids[:4], "vllm") == 0
+
+
+async def test_a_small_pool_still_moves_every_chunk() -> None:
+    gen = torch.Generator().manual_seed(6)
+    src = make_caches("flashinfer", LAYERS, NB, BS, H, D, torch.bfloat16, gen)
+    ids = random.Random(7).sample(range(NB), 20)
+    async with Store([MemoryAdapter()]) as store:
+        chunk = LAYERS * 2 * 2 * BS * H * D * 2  # one chunk of 2 blocks, bf16
+        store._block_pool = BufferPool(chunk)  # room for one chunk at a time: depth 1
+        await store.put_blocks(_keys(10), src, ids, "flashinfer")
+        dst = zeros_like_caches(src)
+        assert await store.get_blocks(_keys(10), dst, ids, "flashinfer") == 10
+        assert store._block_pool.in_use_bytes == 0
+    assert _same_blocks(src, dst, "flashinfer", ids)
+
+
+async def test_bad_arguments_are_refused_before_any_io() -> None:
+    src = make_caches("vllm", 1, NB, BS, H, D, torch.float16, torch.Generator().manual_seed(0))
+    async with Store([MemoryAdapter()]) as store:
+        with pytest.raises(ValueError, match="block_ids"):
+            await store.put_blocks(_keys(2), src, [0, 1, 2], "vllm")
+        with pytest.raises(ValueError, match="keys"):
+            await store.get_blocks([], src, [0, 1], "vllm")
+        assert len(store.backends[0]) == 0  # type: ignore[arg-type]
