@@ -154,6 +154,10 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _write(path: Path, raw: bytes) -> None:
+    path.write_bytes(raw)
+
+
 def _assert_intact(foreign: dict[Path, bytes]) -> None:
     for path, raw in foreign.items():
         assert path.is_file(), f"{path.name} was removed"
@@ -354,7 +358,41 @@ class Shared:
     raw_set: Callable[[str, bytes], Any]
 
 
+async def _run_reverse(ns: Shared) -> None:
+    """The shorter prefix's objects seen from the longer one: a model named ``b:m`` under
+    ``kv:`` lands at ``kv:b:m@...``, which ``kv:b:`` parses as model ``m`` (a shorter key
+    than the header's): never listed, read, sized or deleted from there."""
+    model = ns.longer[len(ns.ours) :] + "m"
+    async with ns.open(ns.ours) as short:
+        theirs = [_kv(i, model=model, salt="alice") for i in range(3)]
+        for k in theirs:
+            await short.put(k, b"short prefix" * 10)
+        names = [ns.ours + k.to_wire() for k in theirs]
+        before = {n: await ns.raw_get(n) for n in names}
+        async with ns.open(ns.longer) as long:
+            assert [i async for i in long.scan()] == []
+            for k in theirs:
+                seen_as = ObjectKey(
+                    k.model_name[len(model) - 1 :], k.kv_rank, k.chunk_hash, "alice"
+                )
+                assert await long.get(seen_as) is None
+                assert await long.size(seen_as) is None
+                assert await long.exists_many([seen_as]) == [False]
+                assert await long.delete(seen_as) is False
+                assert await long.delete_many([seen_as]) == [False]
+            assert set(await _foreign_names(long)) >= set(names)
+        for n, raw in before.items():
+            assert await ns.raw_get(n) == raw, f"{n} changed"
+        for k in theirs:
+            assert await short.delete(k)
+
+
+async def _foreign_names(a: L2Adapter) -> list[str]:
+    return [n async for n in a.scan_foreign()]
+
+
 async def _run_shared(ns: Shared, tmp_path: Path) -> None:
+    await _run_reverse(ns)
     other = ns.open(ns.longer)
     async with other:
         for i in range(5):
@@ -497,3 +535,56 @@ async def test_s3_prefixes_isolate(
 ) -> None:
     base = unique_prefix()
     await _run_shared(s3_namespace(base + "prod/", base + "prod/canary/"), tmp_path)
+
+
+async def test_fs_put_never_replaces_another_keys_file_and_get_into_misses(tmp_path: Path) -> None:
+    a_key, b_key = ObjectKey("m", 0, b"\xaa"), ObjectKey("m", 0, b"\xbb")
+    async with FsAdapter(FsConfig(path=str(tmp_path), layout="flat")) as a:
+        await a.put(a_key, b"a" * 5000)
+        moved = Path(a.object_path(b_key))
+        os.replace(a.object_path(a_key), moved)  # our framing, another key's header
+        raw = _read(moved)
+        with pytest.raises(StorageError, match="did not write"):
+            await a.put(b_key, b"b")
+        assert _read(moved) == raw
+        # a foreign file larger than the buffer: a miss, not BufferTooSmallError
+        lm = Path(a.object_path(ObjectKey("m", 0, b"\xcc")))
+        _write(lm, b"L" * 20_000)
+        assert await a.get_into(ObjectKey("m", 0, b"\xcc"), bytearray(100)) is None
+        assert await a.get_into(b_key, bytearray(100)) is None
+        assert _read(lm) == b"L" * 20_000 and _read(moved) == raw
+
+
+async def test_remove_foreign_keeps_the_stores_own_state(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # fs: the quota file and the sqlite accounting live in the data root
+    cfg = FsConfig(path=str(tmp_path / "kv"), layout="flat")
+    store = Store([FsAdapter(cfg)], accounting=None)
+    await store.open()
+    await store.put(_ours(1, "alice"), b"x" * 100)
+    await store.close()
+    root = tmp_path / "kv"
+    state = [root / n for n in ("flexkv-accounting.sqlite", "flexkv-accounting.sqlite-wal")]
+    for p in state:
+        p.write_bytes(b"state")
+    (root / "stray.txt").write_bytes(b"stray")
+    async with FsAdapter(cfg) as a:
+        report = await a.check(remove_foreign=True)
+    assert report.foreign_removed == 1 and not (root / "stray.txt").exists()
+    assert all(p.exists() for p in state)
+    # Redis: the quota hash and the shared accounting's keys under the prefix
+    prefix = unique_prefix()
+    client = redis.asyncio.Redis(port=redis_server.port)
+    try:
+        await client.hset(prefix + "flexkv-store:quotas", "alice", 1)
+        await client.set(prefix + "acct:{s:00}:x", b"1")
+        await client.set(prefix + "stray", b"1")
+        async with RedisAdapter(RedisConfig(port=redis_server.port, key_prefix=prefix)) as r:
+            report = await r.check(remove_foreign=True)
+        assert report.foreign == [prefix + "stray"] and report.foreign_removed == 1
+        assert await client.exists(prefix + "flexkv-store:quotas", prefix + "acct:{s:00}:x") == 2
+    finally:
+        async for name in client.scan_iter(match=prefix.encode() + b"*"):
+            await client.unlink(name)
+        await client.aclose()

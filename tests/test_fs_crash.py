@@ -53,7 +53,7 @@ if mode == "stuck":
     import threading
     lock = threading.Lock()
     real_publish = FsAdapter._publish
-    def publish(self, tmp, final):
+    def publish(self, *args):
         # Counted once done: every writer that comes after the 4th publication of batch 2
         # hangs, so at least 4 of that batch are surely on disk when the kill lands.
         global publishes
@@ -65,7 +65,7 @@ if mode == "stuck":
                 print("stuck", flush=True)
         if stuck:
             time.sleep(3600)
-        real_publish(self, tmp, final)
+        real_publish(self, *args)
         with lock:
             publishes += 1
     FsAdapter._publish = publish

@@ -244,7 +244,9 @@ class _Job:
 
 
 #: Files the Store keeps in an fs root (its quota state and that file's temp copies).
-_STORE_FILES = re.compile(r"\.?flexkv-quota\.json(?:\..+\.tmp)?")
+_STORE_FILES = re.compile(
+    r"\.?flexkv-quota\.json(?:\..+\.tmp)?|flexkv-accounting\.sqlite(?:-wal|-shm|-journal)?"
+)
 
 
 class FsAdapter(L2Adapter):
@@ -470,7 +472,7 @@ class FsAdapter(L2Adapter):
                 os.fsync(job.fd)
             os.close(job.fd)
             job.fd = -1
-            self._publish(job.tmp, job.final)
+            self._publish(job.tmp, job.final, job.key)
             job.tmp = ""
             if policy == "always":
                 _fsync_dir(os.path.dirname(job.final))
@@ -479,7 +481,7 @@ class FsAdapter(L2Adapter):
         finally:
             self._discard(job)
 
-    def _publish(self, tmp: str, final: str) -> None:
+    def _publish(self, tmp: str, final: str, key: ObjectKey) -> None:
         """Give the finished temp file ``tmp`` the object name ``final``.
 
         ``link()`` never replaces an existing name, so a new object (the common case) is
@@ -498,7 +500,7 @@ class FsAdapter(L2Adapter):
         else:
             os.unlink(tmp)
             return
-        if not self._replaceable(final):
+        if not self._replaceable(final, key):
             raise OSError(
                 errno.EEXIST,
                 "a file this adapter did not write holds the object's name (left alone)",
@@ -506,10 +508,12 @@ class FsAdapter(L2Adapter):
             )
         os.rename(tmp, final)
 
-    def _replaceable(self, path: str) -> bool:
-        """Whether ``path`` may be replaced: absent, or one of our objects (never foreign).
+    def _replaceable(self, path: str, key: ObjectKey) -> bool:
+        """Whether ``path`` may be replaced: absent, or ``key``'s object of ours.
 
-        Raw names are the data by declaration; a framed file must start with our magic.
+        Raw names are the data by declaration; a framed file must start with our magic and
+        its header (where it decodes) must name ``key``. (Between this check and the
+        rename, another program could still publish there: a window of microseconds.)
         """
         if not self._framed:
             return True
@@ -518,7 +522,7 @@ class FsAdapter(L2Adapter):
         except FileNotFoundError:
             return True
         try:
-            return os.pread(fd, len(MAGIC), 0) == MAGIC
+            return _holds_key(fd, key)
         finally:
             os.close(fd)
 
@@ -620,6 +624,9 @@ class FsAdapter(L2Adapter):
             self._corrupt(job, f"truncated: {total} bytes, shorter than the header")
             return None
         if out is not None and n > out.nbytes:
+            if self._framed and not self._holds_key_at(job.final, job.key):
+                self._corrupt(job, "not ours", foreign=True)  # a miss, not an error
+                return None
             raise BufferTooSmallError(n, out.nbytes)
         job.size = n
         job.out = out
@@ -709,6 +716,17 @@ class FsAdapter(L2Adapter):
             if job.bounced:
                 job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
             job.result = job.size
+
+    def _holds_key_at(self, path: str, key: ObjectKey) -> bool:
+        """:func:`_holds_key` through a fresh (never O_DIRECT) descriptor of ``path``."""
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            return _holds_key(fd, key)
+        finally:
+            os.close(fd)
 
     def _corrupt(self, job: _Job, why: str, *, foreign: bool = False) -> None:
         """A bad file at an object's name: a miss, and removed only if it is ours.
@@ -1128,10 +1146,10 @@ class FsAdapter(L2Adapter):
             head = decode_header(os.pread(fd, ALIGN, 0))
         except CorruptObjectError as exc:
             return str(exc), None
-        if head.header_len != ALIGN:
-            return "the header is not padded to 4096 bytes", None
         if head.key.to_filename() != name:
             return _FOREIGN_HEADER, None
+        if head.header_len != ALIGN:
+            return "the header is not padded to 4096 bytes", None
         wire = head.key.to_wire()
         n = total - ALIGN
         if head.payload_len != n:

@@ -353,7 +353,7 @@ class GdsAdapter(FsAdapter):
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            self._publish(tmp, final)  # never over a file that is not ours
+            self._publish(tmp, final, key)  # never over a file that is not ours
             tmp = ""
             if policy == "always":
                 _fsync_dir(directory)
@@ -403,6 +403,9 @@ class GdsAdapter(FsAdapter):
                 self._corrupt(job, f"truncated: {n + self._head} bytes, shorter than the header")
                 return None
             if n > flat.numel():
+                if self._framed and not self._holds_key_at(final, key):
+                    self._corrupt(job, "not ours", foreign=True)  # a miss, not an error
+                    return None
                 raise BufferTooSmallError(n, flat.numel())  # before anything is written
             expected: int | None = None
             if self._framed:

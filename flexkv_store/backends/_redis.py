@@ -60,7 +60,7 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, as_bytes_view, decode_header, frame, unframe
-from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN
+from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN, header_key_length
 
 __all__ = ["RedisAdapter"]
 
@@ -135,6 +135,12 @@ _UNAVAILABLE: Final = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+#: Keys the store itself keeps under an adapter's prefix (quota/_redis_state.py's hash and
+#: quota/_redis_acct.py's accounting): not objects, and not foreign either.
+_QUOTA_HASH: Final = b"flexkv-store:quotas"
+_ACCOUNTING_KEYS: Final = b"acct:"
 
 
 class _Foreign(Exception):
@@ -364,9 +370,12 @@ class RedisAdapter(L2Adapter):
     def _decode(self, key: ObjectKey, raw: bytes) -> memoryview:
         if raw[: len(MAGIC)] != MAGIC:
             raise _Foreign("it does not start with our magic")
-        header, payload = unframe(raw)
+        # Whose it is comes first: another deployment's object is foreign even when its
+        # payload is damaged (so never dropped as "corrupt").
+        header = decode_header(raw)
         if header.key != key:
             raise _Foreign(f"its header names another key ({header.key.to_wire()!r})")
+        _, payload = unframe(raw)
         return payload
 
     def _foreign(self, name: bytes, why: object) -> None:
@@ -505,8 +514,10 @@ class RedisAdapter(L2Adapter):
         if reply is None:
             return None
         total, head = int(reply[0]), bytes(reply[1])
-        if total < 0 or head[: len(MAGIC)] != MAGIC:
-            self._foreign(name, "not a string of ours")
+        if total < 0 or header_key_length(head) != len(wire):
+            # not ours, or a header naming a key of another length (e.g. a deployment
+            # under a shorter prefix, whose key is longer than the one we parsed)
+            self._foreign(name, "not an object of ours under this name")
             return None
         try:
             header = decode_header(head)
@@ -721,13 +732,19 @@ class RedisAdapter(L2Adapter):
         # docstring inherited
         async for _, foreign in self._scan_pages(None, None):
             for name in foreign:
-                yield name.decode("utf-8", "surrogateescape")
+                if not self._is_store_state(name):
+                    yield name.decode("utf-8", "surrogateescape")
+
+    def _is_store_state(self, name: bytes) -> bool:
+        """The store's own keys under the prefix: the quota hash and the shared accounting."""
+        rest = name[len(self._prefix) :]
+        return rest == _QUOTA_HASH or rest.startswith(_ACCOUNTING_KEYS)
 
     async def remove_foreign(self, name: str) -> bool:
         # docstring inherited
         raw = name.encode("utf-8", "surrogateescape")
-        if not raw.startswith(self._prefix):
-            return False  # never outside our prefix
+        if not raw.startswith(self._prefix) or self._is_store_state(raw):
+            return False  # never outside our prefix, never the store's own state
         with _seam("remove foreign"):
             return bool(await self._client.unlink(raw))
 
@@ -804,9 +821,10 @@ class RedisAdapter(L2Adapter):
             if isinstance(reply, Exception):
                 raise StorageError(f"redis: scan: {reply}")
             total, head = int(reply[0]), bytes(reply[1])
-            header_len = _header_len(name[len(self._prefix) :])
-            if total < header_len or head[: len(MAGIC)] != MAGIC:
-                foreign.append(name)
+            wire = name[len(self._prefix) :]
+            header_len = _header_len(wire)
+            if total < header_len or header_key_length(head) != len(wire):
+                foreign.append(name)  # not ours, or another key's header (other length)
                 continue
             try:
                 header = decode_header(head)

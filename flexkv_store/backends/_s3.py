@@ -66,7 +66,7 @@ from flexkv_store.errors import (
     StorageError,
 )
 from flexkv_store.keyformat import ObjectKey, decode_header, frame, overlong_filename, unframe
-from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN
+from flexkv_store.keyformat._framing import MAGIC, MIN_HEADER_LEN, header_key_length
 
 __all__ = ["S3Adapter"]
 
@@ -357,13 +357,15 @@ class S3Adapter(L2Adapter):
             self._foreign(name, "it does not start with our magic")
             return None, False
         try:
-            header, payload = unframe(raw)
+            # Whose it is first: another key's object stays foreign even if damaged.
+            header = decode_header(raw)
+            if header.key != key:
+                self._foreign(name, f"its header names {header.key.to_wire()!r}")
+                return None, False
+            _, payload = unframe(raw)
         except CorruptObjectError as exc:
             self._corrupt(name, exc)
             return None, True
-        if header.key != key:
-            self._foreign(name, f"its header names {header.key.to_wire()!r}")
-            return None, False
         return payload, False
 
     def _corrupt(self, name: str, why: object) -> None:
@@ -433,8 +435,8 @@ class S3Adapter(L2Adapter):
             head, resp = b"", {}  # a zero-byte object: corrupt
         m = _RANGE.fullmatch(str(resp.get("ContentRange", "")))
         total = int(m.group(3)) if m else len(head)
-        if head[: len(MAGIC)] != MAGIC:
-            self._foreign(name, "it does not start with our magic")
+        if header_key_length(head) != hlen - MIN_HEADER_LEN:
+            self._foreign(name, "not an object of ours under this name")
             return None
         try:
             header = decode_header(head)
@@ -553,8 +555,8 @@ class S3Adapter(L2Adapter):
             if _code(exc.__cause__)[1] == 416:  # type: ignore[arg-type]
                 self._foreign(name, "an empty object")
             return False
-        if head[: len(MAGIC)] != MAGIC:
-            self._foreign(name, "it does not start with our magic; not deleted")
+        if header_key_length(head) != hlen - MIN_HEADER_LEN:
+            self._foreign(name, "not an object of ours under this name; not deleted")
             return False
         try:
             if decode_header(head).key != key:
@@ -709,6 +711,8 @@ class S3Adapter(L2Adapter):
             return None  # deleted since it was listed
         if head[: len(MAGIC)] != MAGIC:
             return _FOREIGN
+        if key is not None and header_key_length(head) != hlen - MIN_HEADER_LEN:
+            return _FOREIGN  # another key's header (e.g. a deployment under a shorter prefix)
         try:
             header = decode_header(head)
         except CorruptObjectError:

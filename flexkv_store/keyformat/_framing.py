@@ -41,6 +41,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "frame",
+    "header_key_length",
     "header_length",
     "unframe",
     "verify_payload",
@@ -130,6 +131,17 @@ def frame(key: ObjectKey, data: object, *, padded: bool = False) -> tuple[bytes,
     """Header and payload view of ``data``, for a two-buffer (vectored) write."""
     payload = as_bytes_view(data)
     return encode_header(key, payload.nbytes, checksum(payload), padded=padded), payload
+
+
+def header_key_length(buf: bytes | bytearray | memoryview) -> int | None:
+    """The key length a header claims (bytes 6-7), or None when ``buf`` is not ours.
+
+    Read before decoding, so that a header naming a longer key than expected is recognised
+    as another key's (not as a truncated header of ours) from a prefix of the object.
+    """
+    if len(buf) < FIXED_LEN or bytes(buf[: len(MAGIC)]) != MAGIC:
+        return None
+    return int.from_bytes(bytes(buf[6:8]), "little")
 
 
 def decode_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
