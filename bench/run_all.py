@@ -20,7 +20,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 # quota.py includes the admin API figures of api.py
-BENCHES = ["keyformat", "fs", "redis", "s3", "quota", "blocks", "vllm_tier"]
+BENCHES = ["keyformat", "fs", "redis", "s3", "quota", "blocks", "store_blocks", "vllm_tier"]
 
 
 def _is_ratio(key: str) -> bool:

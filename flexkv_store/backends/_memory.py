@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 from flexkv_store._aio import settle
 from flexkv_store.backends.base import (
@@ -54,7 +57,7 @@ class MemoryAdapter(L2Adapter):
         view = as_bytes_view(data)
         if view.nbytes >= self.copy_off_loop_bytes:
             # settle: the thread reads the caller's buffer until the copy is done.
-            payload = await settle(asyncio.to_thread(bytes, view))
+            payload = await settle(asyncio.to_thread(_copied, view))
         else:
             payload = bytes(view)
         old = self._data.get(key)
@@ -149,5 +152,26 @@ class MemoryAdapter(L2Adapter):
         }
 
 
+def _address(buf: Any) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def _copied(view: memoryview) -> bytes:
+    """A new ``bytes`` holding ``view``, copied without the GIL.
+
+    ``bytes(view)`` copies (and faults in the fresh pages) holding the GIL, which stalls the
+    event loop thread for the whole copy even from a worker thread. ``bytes(n)`` is a
+    zeroed allocation whose pages are mapped lazily; ``ctypes.memmove`` releases the GIL
+    and fills it before anything else can see the object.
+    """
+    n = view.nbytes
+    out = bytes(n)
+    if n:
+        ctypes.memmove(ctypes.c_char_p(out), _address(view), n)
+    return out
+
+
 def _copy_into(view: memoryview, payload: bytes) -> None:
-    view[: len(payload)] = payload
+    """``view[:len(payload)] = payload`` without the GIL (see :func:`_copied`)."""
+    n = len(payload)
+    ctypes.memmove(_address(view), payload, n)

@@ -130,7 +130,7 @@ class BufferPool:
                 self._cond.wait(remaining)
         if raw is None:
             try:
-                raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+                raw = _aligned(nbytes, self._pin)
             except BaseException:
                 with self._cond:
                     self._held -= nbytes
@@ -195,3 +195,16 @@ class BufferPool:
                 self._held -= int(raw.numel())
             self._free.clear()
             self._cond.notify_all()
+
+
+#: Buffers start on a page boundary: an O_DIRECT write or read of a pooled chunk then goes
+#: straight between the device and the buffer, with no bounce copy (which, made in Python,
+#: would also hold the GIL and stall the event loop).
+_ALIGN = 4096
+
+
+def _aligned(nbytes: int, pin: bool) -> torch.Tensor:
+    """``nbytes`` of uint8 starting at a 4096-byte boundary (a view that keeps its base)."""
+    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8, pin_memory=pin)
+    skip = -raw.data_ptr() % _ALIGN
+    return raw[skip : skip + nbytes]
