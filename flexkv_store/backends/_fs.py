@@ -515,16 +515,7 @@ class FsAdapter(L2Adapter):
         its header (where it decodes) must name ``key``. (Between this check and the
         rename, another program could still publish there: a window of microseconds.)
         """
-        if not self._framed:
-            return True
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            return _holds_key(fd, key)
-        finally:
-            os.close(fd)
+        return not self._framed or self._holds_key_at(path, key, missing=True)
 
     def _discard(self, job: _Job) -> None:
         job.release()
@@ -717,12 +708,13 @@ class FsAdapter(L2Adapter):
                 job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
             job.result = job.size
 
-    def _holds_key_at(self, path: str, key: ObjectKey) -> bool:
-        """:func:`_holds_key` through a fresh (never O_DIRECT) descriptor of ``path``."""
+    def _holds_key_at(self, path: str, key: ObjectKey, *, missing: bool = False) -> bool:
+        """:func:`_holds_key` through a fresh (never O_DIRECT) descriptor of ``path``;
+        ``missing`` when there is no file."""
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
         except FileNotFoundError:
-            return False
+            return missing
         try:
             return _holds_key(fd, key)
         finally:
