@@ -74,6 +74,7 @@ from typing import Any, ClassVar, TypeVar
 import xxhash
 
 from flexkv_store._aio import settle
+from flexkv_store._bytes import bytes_of
 from flexkv_store.backends import _uring
 from flexkv_store.backends._io import (
     ALIGN,
@@ -590,13 +591,15 @@ class FsAdapter(L2Adapter):
         """Cut a batch into the pieces that go to one worker thread each.
 
         The threads engine runs one item per worker. The io_uring engine gets pieces of at
-        most ``queue_depth`` items (what one ring keeps in flight), and at least as many
-        pieces as there are cores (up to ``threads``), so that checksums and copies of a
-        big batch run on every core while the rings keep the device busy.
+        most ``queue_depth`` items (what one ring keeps in flight), and as many pieces as
+        there are worker threads: a ring's thread checksums and copies each completed
+        object before it reaps the next, so spreading a batch over every worker keeps
+        those copies from holding back completions (fewer, fuller rings measured up to 2x
+        slower on ``get_many``).
         """
         if not self._engine.batches:
             return [[item] for item in items]
-        workers = max(1, min(self.config.threads, os.cpu_count() or 1))
+        workers = max(1, self.config.threads)
         size = max(1, min(self.config.queue_depth, -(-len(items) // workers)))
         return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -702,7 +705,8 @@ class FsAdapter(L2Adapter):
             job.result = None
             return
         if job.out is None:
-            job.result = payload if isinstance(payload, bytes) else bytes(payload)
+            # GIL-free and with huge pages: worker threads' copies do not serialise.
+            job.result = payload if isinstance(payload, bytes) else bytes_of(payload)
         else:
             if job.bounced:
                 job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
@@ -1028,7 +1032,7 @@ class FsAdapter(L2Adapter):
         self, group: list[tuple[str, bool]], repair: bool, remove_foreign: bool, now: float
     ) -> CheckReport:
         report = CheckReport()
-        scratch = aligned_buffer(_CHECK_CHUNK)  # per-thread cached; pages touched on use
+        scratch = aligned_buffer(_CHECK_CHUNK)  # cached process-wide; pages touched on use
         try:
             self._check_entries(
                 group, repair, remove_foreign, now, report, scratch.view(_CHECK_CHUNK)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-
 from flexkv_store._aio import settle
+from flexkv_store._bytes import bytes_of, copy_into
 from flexkv_store.backends.base import (
     Buffer,
     Capabilities,
@@ -57,7 +55,7 @@ class MemoryAdapter(L2Adapter):
         view = as_bytes_view(data)
         if view.nbytes >= self.copy_off_loop_bytes:
             # settle: the thread reads the caller's buffer until the copy is done.
-            payload = await settle(asyncio.to_thread(_copied, view))
+            payload = await settle(asyncio.to_thread(bytes_of, view))
         else:
             payload = bytes(view)
         old = self._data.get(key)
@@ -87,7 +85,7 @@ class MemoryAdapter(L2Adapter):
         if n > view.nbytes:
             raise BufferTooSmallError(n, view.nbytes)
         if n >= self.copy_off_loop_bytes:
-            await settle(asyncio.to_thread(_copy_into, view, payload))
+            await settle(asyncio.to_thread(copy_into, view, payload))
         else:
             view[:n] = payload
         return n
@@ -150,28 +148,3 @@ class MemoryAdapter(L2Adapter):
             "bytes": self._bytes,
             "capacity_bytes": self.config.capacity_bytes,
         }
-
-
-def _address(buf: Any) -> int:
-    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
-
-
-def _copied(view: memoryview) -> bytes:
-    """A new ``bytes`` holding ``view``, copied without the GIL.
-
-    ``bytes(view)`` copies (and faults in the fresh pages) holding the GIL, which stalls the
-    event loop thread for the whole copy even from a worker thread. ``bytes(n)`` is a
-    zeroed allocation whose pages are mapped lazily; ``ctypes.memmove`` releases the GIL
-    and fills it before anything else can see the object.
-    """
-    n = view.nbytes
-    out = bytes(n)
-    if n:
-        ctypes.memmove(ctypes.c_char_p(out), _address(view), n)
-    return out
-
-
-def _copy_into(view: memoryview, payload: bytes) -> None:
-    """``view[:len(payload)] = payload`` without the GIL (see :func:`_copied`)."""
-    n = len(payload)
-    ctypes.memmove(_address(view), payload, n)

@@ -1,0 +1,54 @@
+"""Large copies into and out of ``bytes`` that do not hold the GIL.
+
+``bytes(view)`` copies holding the GIL, and it also faults the fresh pages in while
+holding it (on a VM ~20 ms per 32 MiB, ten times the copy itself), so one such copy in a
+worker thread stalls the event loop and every other worker for its whole length.
+:func:`bytes_of` instead allocates the object uninitialised
+(``PyBytes_FromStringAndSize(NULL, n)``: no memset under the GIL) and fills it with
+``memmove`` through ctypes, which releases the GIL: the page faults happen then too.
+Nothing else can see the new object before it is filled.
+
+Transparent huge pages would make those faults 512 times fewer, but with THP ``defrag``
+set to ``madvise`` (the common default) an advised fault compacts memory synchronously,
+which measured slower, not faster, whenever free memory was fragmented (after another
+process had run); so these short-lived objects are not advised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+__all__ = ["address_of", "bytes_of", "copy_into"]
+
+#: Below this, ``bytes(view)`` (GIL held for microseconds) beats a ctypes round trip.
+_SMALL = 64 << 10
+# The C API's way to make a bytes object that the caller fills before sharing it.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+_new_bytes.restype = ctypes.py_object
+
+
+def address_of(buf: Any) -> int:
+    """The address of a buffer's first byte."""
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def bytes_of(view: memoryview) -> bytes:
+    """A new ``bytes`` holding ``view`` (C-contiguous), copied without the GIL."""
+    n = view.nbytes
+    if n < _SMALL:
+        return bytes(view)
+    out: bytes = _new_bytes(None, n)
+    dst = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value or 0
+    ctypes.memmove(dst, address_of(view), n)
+    return out
+
+
+def copy_into(dst: memoryview, src: Any) -> None:
+    """``dst[:len(src)] = src`` without the GIL (both C-contiguous, ``dst`` writable)."""
+    n = memoryview(src).nbytes
+    if n:
+        ctypes.memmove(address_of(dst), address_of(src), n)
