@@ -28,8 +28,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from flexkv_store._aio import ExceptionGroup, settle
+from flexkv_store._bytes import bytes_of
 from flexkv_store._consistency import Generations, Suspects, WriteLocks
 from flexkv_store._logs import Throttle
+from flexkv_store._threads import off_loop
 from flexkv_store.backends import L2Adapter, ObjectInfo, open_adapter
 from flexkv_store.backends.base import Buffer, check_key, writable_view
 from flexkv_store.backends.config import FsConfig, RedisConfig
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes of chunk buffers a store keeps for block copies (allocated on demand, reused).
 BLOCK_POOL_BYTES = 1 << 30
+#: L1 copies at least this large run in a worker thread.
+_L1_COPY_OFF_LOOP = 1 << 20
 _T = TypeVar("_T")
 
 
@@ -538,7 +542,7 @@ class Store:
             else:
                 stored += view.nbytes
                 if self._l1 is not None:
-                    self._l1.put(key, bytes(view))
+                    self._l1.put(key, await _copied(view))
         if stuck:
             log.warning("%d stale copies could not be removed; they are not read", stuck)
         # For put_many, a key of the batch evicted by a later one of the same batch is
@@ -1309,6 +1313,14 @@ class Store:
                 "Store.blocking() needs a store that has not been used on an event loop yet"
             )
         return BlockingStore(self)
+
+
+async def _copied(view: memoryview) -> bytes:
+    """``bytes(view)``, copied in a worker thread when large (never stalling the loop)."""
+    if view.nbytes < _L1_COPY_OFF_LOOP:
+        return bytes(view)
+    data: bytes = await settle(off_loop(bytes_of, view))
+    return data
 
 
 def _group(what: str, errors: Sequence[BaseException]) -> BaseException:

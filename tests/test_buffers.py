@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -109,3 +110,17 @@ def test_scratch_cache_is_bounded_and_evicts_the_stalest_class() -> None:
     for t in taken:
         t.release()
     assert _io._cached_bytes == 40 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_worker_threads_run_nicer_than_their_creator() -> None:
+    from flexkv_store import _threads
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice()
+    with _threads.worker_pool(1, "flexkv-test") as pool:
+        theirs = pool.submit(nice).result()
+    assert theirs == min(19, mine + _threads.BACKGROUND_NICE)
+    assert nice() == mine  # the caller's own priority is untouched

@@ -24,7 +24,10 @@ class TestMemoryAdapter(AdapterTests):
     async def backdoor_read(self, adapter: L2Adapter, key: ObjectKey) -> bytes | None:
         assert isinstance(adapter, MemoryAdapter)
         entry = adapter._data.get(key)
-        return entry[0] if entry else None
+        if entry is None:
+            return None
+        payload = entry[0]
+        return payload if isinstance(payload, bytes) else bytes(payload.view)
 
     async def backdoor_write(self, adapter: L2Adapter, key: ObjectKey, raw: bytes) -> None:
         assert isinstance(adapter, MemoryAdapter)
@@ -41,3 +44,95 @@ async def test_capacity_is_enforced() -> None:
     await a.put(k1, b"1234567890")  # an overwrite counts the difference
     assert a.total_bytes == 10
     assert a.info()["objects"] == 1
+
+
+MIB = 1 << 20
+
+
+def _big(fill: int, n: int = 2 * MIB) -> bytes:
+    return bytes([fill]) * n
+
+
+async def test_large_payloads_reuse_freed_memory_within_recycle_bytes() -> None:
+    a = MemoryAdapter(MemoryConfig(recycle_bytes=3 * MIB))
+    k = [ObjectKey("m", 0, bytes([i])) for i in range(4)]
+    await a.put(k[0], _big(1))
+    await a.put(k[1], _big(2))
+    slab0 = a._data[k[0]][0]
+    assert not isinstance(slab0, bytes)
+    arr0 = slab0.arr
+    assert await a.delete(k[0])
+    assert a.info()["recycled_bytes"] == 2 * MIB
+    await a.put(k[2], _big(3))  # same size: the freed memory, overwritten
+    slab2 = a._data[k[2]][0]
+    assert not isinstance(slab2, bytes) and slab2.arr is arr0
+    assert a.info()["recycled_bytes"] == 0
+    assert await a.get(k[2]) == _big(3) and await a.get(k[1]) == _big(2)
+    await a.delete(k[1])
+    await a.delete(k[2])  # 4 MiB freed, 3 MiB kept at most
+    assert a.info()["recycled_bytes"] == 2 * MIB
+    await a.put(k[3], b"small")  # small payloads stay bytes, shared on get
+    assert a._data[k[3]][0] is await a.get(k[3])
+
+
+async def test_recycling_is_off_with_zero_and_bounded_by_capacity() -> None:
+    off = MemoryAdapter(MemoryConfig(recycle_bytes=0))
+    key = ObjectKey("m", 0, b"\x01")
+    await off.put(key, _big(1))
+    await off.delete(key)
+    assert off.info()["recycled_bytes"] == 0
+    small = MemoryAdapter(MemoryConfig(capacity_bytes=MIB + 10))
+    await small.put(key, _big(1, MIB + 10))
+    with pytest.raises(StorageError):  # over capacity: the copy's memory is kept, not lost
+        await small.put(ObjectKey("m", 0, b"\x02"), _big(2, MIB))
+    assert small.info()["recycled_bytes"] == MIB
+    assert await small.get(key) == _big(1, MIB + 10)
+
+
+async def test_a_read_in_flight_keeps_its_value_when_the_key_is_overwritten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The freed memory of an overwritten payload is not reused while a copy reads it."""
+    import asyncio
+    import threading
+
+    from flexkv_store import _bytes
+    from flexkv_store.backends import _memory
+
+    a = MemoryAdapter()
+    k1, k2 = ObjectKey("m", 0, b"\x01"), ObjectKey("m", 0, b"\x02")
+    await a.put(k1, _big(1))
+    gate, entered = threading.Event(), threading.Event()
+    real = _bytes.copy_into
+
+    def gated(dst: memoryview, src: object) -> None:
+        entered.set()
+        assert gate.wait(10)
+        real(dst, src)
+
+    monkeypatch.setattr(_memory, "copy_into", gated)
+    out = bytearray(2 * MIB)
+    reader = asyncio.ensure_future(a.get_into(k1, out))
+    await asyncio.to_thread(entered.wait, 10)
+    monkeypatch.setattr(_memory, "copy_into", real)
+    await a.put(k1, _big(7))  # the old payload is dropped while the read holds it
+    await a.put(k2, _big(9))  # same size: must not take the memory being read
+    gate.set()
+    assert await reader == 2 * MIB
+    assert bytes(out) == _big(1)
+    assert await a.get(k1) == _big(7) and await a.get(k2) == _big(9)
+    assert a.info()["recycled_bytes"] == 2 * MIB  # handed back once the read was done
+
+
+async def test_a_cancelled_put_stores_nothing_and_keeps_the_memory() -> None:
+    import asyncio
+
+    a = MemoryAdapter()
+    key = ObjectKey("m", 0, b"\x01")
+    task = asyncio.ensure_future(a.put(key, _big(1, 64 * MIB)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await a.get(key) is None and a.total_bytes == 0
+    assert a.info()["recycled_bytes"] == 64 * MIB

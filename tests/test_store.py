@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ class FailingAdapter(MemoryAdapter):
         if self.down:
             raise StorageError("down")
         return await super().get(key)
+
+    async def get_into(self, key: ObjectKey, out: Any) -> int | None:
+        if self.down:
+            raise StorageError("down")
+        return await super().get_into(key, out)
 
     async def put(self, key: ObjectKey, data: Any) -> None:
         if self.down:
@@ -587,3 +593,30 @@ async def test_put_each_over_quota_batch_reports_the_superseded_items() -> None:
         assert "same batch" in str(out[0])
         assert heard == [("evicted", [key(0)])]
         assert await store.exists_many([key(i) for i in range(5)]) == [False] * 3 + [True] * 2
+
+
+async def test_l1_copies_large_chunks_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large chunk's L1 copy is made by a worker thread, and is a copy."""
+    import threading
+
+    from flexkv_store import _bytes
+    from flexkv_store import store as store_mod
+
+    threads: list[str] = []
+    real = _bytes.bytes_of
+
+    def spy(view: memoryview) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(view)
+
+    monkeypatch.setattr(store_mod, "bytes_of", spy)
+    data = bytearray(os.urandom(2 << 20))
+    async with Store([open_adapter("memory://")], l1_capacity_bytes=8 << 20) as store:
+        await store.put(key(1), data)
+        await store.put(key(2), b"small")
+        original = bytes(data)
+        data[:] = bytes(len(data))
+        assert store._l1 is not None and store._l1.get(key(1)) == original
+        assert store._l1.get(key(2)) == b"small"
+    assert threads and all(n.startswith("flexkv-copies") for n in threads)
+    assert len(threads) == 1  # the small chunk was copied on the loop

@@ -66,7 +66,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar, TypeVar
@@ -75,6 +74,7 @@ import xxhash
 
 from flexkv_store._aio import settle
 from flexkv_store._bytes import bytes_of
+from flexkv_store._threads import worker_pool
 from flexkv_store.backends import _uring
 from flexkv_store.backends._io import (
     ALIGN,
@@ -290,7 +290,7 @@ class FsAdapter(L2Adapter):
                 os.makedirs(root, exist_ok=True)
             self._direct, self._direct_note = self._probe_direct()
             self._engine, self._engine_note = self._open_engine()
-            self._executor = ThreadPoolExecutor(config.threads, thread_name_prefix="flexkv-fs")
+            self._executor = worker_pool(config.threads, "flexkv-fs")
             removed = self._remove_stale_temps()
         if removed:
             log.info("fs adapter: removed %d stale temp file(s) under %s", removed, config.path)

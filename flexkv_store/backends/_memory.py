@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
 from flexkv_store._aio import settle
 from flexkv_store._bytes import bytes_of, copy_into
+from flexkv_store._threads import off_loop
 from flexkv_store.backends.base import (
     Buffer,
     Capabilities,
@@ -24,14 +27,40 @@ from flexkv_store.keyformat import ObjectKey, as_bytes_view
 __all__ = ["MemoryAdapter"]
 
 
-class MemoryAdapter(L2Adapter):
-    """Objects held as ``bytes`` in a dict; ``capacity_bytes`` bounds the payload total.
+class _Slab:
+    """A large payload in memory the adapter owns and reuses; never handed out.
 
-    Payloads are copied on ``put`` (the caller may reuse its buffer at once) and returned
-    without a copy on ``get`` (``bytes`` are immutable). Copies of ``copy_off_loop_bytes``
-    or more (``put``'s, ``get_into``'s) run in a worker thread, so a big object never stalls
-    the event loop for the length of a memcpy. Single event-loop use: after its copy, every
-    method changes the dict without awaiting, so each operation is atomic.
+    ``readers`` counts copies out of it in flight; a slab that was deleted or overwritten
+    meanwhile (``dropped``) is reused only once the last of them is done.
+    """
+
+    __slots__ = ("arr", "dropped", "readers")
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.readers = 0
+        self.dropped = False
+
+    def __len__(self) -> int:
+        return int(self.arr.nbytes)
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.arr.data)
+
+
+class MemoryAdapter(L2Adapter):
+    """Objects held in a dict; ``capacity_bytes`` bounds the payload total.
+
+    Payloads are copied on ``put`` (the caller may reuse its buffer at once). Small ones
+    are kept as ``bytes`` and returned by ``get`` without a copy. Payloads of
+    ``copy_off_loop_bytes`` or more live in memory the adapter reuses (up to
+    ``recycle_bytes`` of freed payloads are kept for later puts of the same size), since
+    faulting in fresh pages costs several times the copy itself; their copies in and out
+    run in worker threads without the GIL, so a big object never stalls the event loop.
+    Single event-loop use: each method changes the dict without awaiting once its copy is
+    done, so each operation is atomic, and a read in flight keeps the value it started
+    with even if the key is overwritten meanwhile.
     """
 
     #: Copies at least this large leave the event loop (a 1 MiB memcpy takes ~0.1 ms).
@@ -46,48 +75,117 @@ class MemoryAdapter(L2Adapter):
 
     def __init__(self, config: MemoryConfig | None = None) -> None:
         self.config = config or MemoryConfig()
-        self._data: dict[ObjectKey, tuple[bytes, float]] = {}
+        self._data: dict[ObjectKey, tuple[bytes | _Slab, float]] = {}
         self._bytes = 0
+        # Freed large payloads by size, sizes in the order they were last freed to.
+        self._free: dict[int, deque[np.ndarray]] = {}
+        self._free_bytes = 0
+
+    # -- reusable memory ----------------------------------------------------------------
+
+    def _take(self, n: int) -> np.ndarray:
+        free = self._free.get(n)
+        if free:
+            self._free_bytes -= n
+            arr = free.pop()
+            if not free:
+                del self._free[n]
+            return arr
+        return np.empty(n, dtype=np.uint8)  # pages are mapped when the copy touches them
+
+    def _give_back(self, arr: np.ndarray) -> None:
+        n = int(arr.nbytes)
+        limit = self.config.recycle_bytes
+        if self.config.capacity_bytes is not None:
+            limit = min(limit, self.config.capacity_bytes)
+        if n > limit:
+            return
+        while self._free_bytes + n > limit:
+            size, free = next(iter(self._free.items()))
+            free.popleft()
+            self._free_bytes -= size
+            if not free:
+                del self._free[size]
+        free = self._free.pop(n) if n in self._free else deque()
+        free.append(arr)
+        self._free[n] = free
+        self._free_bytes += n
+
+    def _drop(self, payload: bytes | _Slab) -> None:
+        """A payload left the dict: reuse its memory once no copy reads it."""
+        if isinstance(payload, _Slab):
+            payload.dropped = True
+            if not payload.readers:
+                self._give_back(payload.arr)
+
+    async def _read_slab(self, slab: _Slab, fn: Any, *args: Any) -> Any:
+        slab.readers += 1
+        try:
+            return await settle(off_loop(fn, *args))
+        finally:
+            slab.readers -= 1
+            if slab.dropped and not slab.readers:
+                self._give_back(slab.arr)
+
+    # -- the contract ----------------------------------------------------------------------
 
     async def put(self, key: ObjectKey, data: Buffer) -> None:
         # docstring inherited
         check_key(key)
         view = as_bytes_view(data)
-        if view.nbytes >= self.copy_off_loop_bytes:
-            # settle: the thread reads the caller's buffer until the copy is done.
-            payload = await settle(asyncio.to_thread(bytes_of, view))
+        n = view.nbytes
+        payload: bytes | _Slab
+        if n >= self.copy_off_loop_bytes:
+            arr = self._take(n)
+            try:
+                # settle: the thread reads the caller's buffer until the copy is done.
+                await settle(off_loop(copy_into, memoryview(arr.data), view))
+            except BaseException:
+                self._give_back(arr)
+                raise
+            payload = _Slab(arr)
         else:
             payload = bytes(view)
         old = self._data.get(key)
-        new_total = self._bytes + len(payload) - (len(old[0]) if old else 0)
+        new_total = self._bytes + n - (len(old[0]) if old else 0)
         cap = self.config.capacity_bytes
         if cap is not None and new_total > cap:
+            self._drop(payload)
             raise StorageError(
                 f"memory adapter full: {new_total} bytes would exceed capacity_bytes={cap}"
             )
         self._data[key] = (payload, time.time())
         self._bytes = new_total
+        if old is not None:
+            self._drop(old[0])
 
     async def get(self, key: ObjectKey) -> bytes | None:
         # docstring inherited
         check_key(key)
         entry = self._data.get(key)
-        return entry[0] if entry else None
+        if entry is None:
+            return None
+        payload = entry[0]
+        if isinstance(payload, bytes):
+            return payload
+        out: bytes = await self._read_slab(payload, bytes_of, payload.view)
+        return out
 
     async def get_into(self, key: ObjectKey, out: Buffer) -> int | None:
         # docstring inherited
         check_key(key)
         view = writable_view(out)
-        payload = await self.get(key)
-        if payload is None:
+        entry = self._data.get(key)
+        if entry is None:
             return None
+        payload = entry[0]
         n = len(payload)
         if n > view.nbytes:
             raise BufferTooSmallError(n, view.nbytes)
-        if n >= self.copy_off_loop_bytes:
-            await settle(asyncio.to_thread(copy_into, view, payload))
-        else:
+        if isinstance(payload, bytes):
             view[:n] = payload
+        else:
+            await self._read_slab(payload, copy_into, view, payload.view)
         return n
 
     async def size(self, key: ObjectKey) -> int | None:
@@ -103,6 +201,7 @@ class MemoryAdapter(L2Adapter):
         if entry is None:
             return False
         self._bytes -= len(entry[0])
+        self._drop(entry[0])
         return True
 
     async def put_each(self, items: Iterable[tuple[ObjectKey, Buffer]]) -> list[Exception | None]:
@@ -147,4 +246,5 @@ class MemoryAdapter(L2Adapter):
             "objects": len(self._data),
             "bytes": self._bytes,
             "capacity_bytes": self.config.capacity_bytes,
+            "recycled_bytes": self._free_bytes,
         }

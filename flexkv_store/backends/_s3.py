@@ -39,7 +39,6 @@ import random
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Final, TypeVar
 
 import boto3
@@ -50,6 +49,7 @@ import botocore.session
 import urllib3.exceptions
 
 from flexkv_store._aio import settle
+from flexkv_store._threads import worker_pool
 from flexkv_store.backends.base import (
     Buffer,
     Capabilities,
@@ -186,9 +186,7 @@ class S3Adapter(L2Adapter):
     def __init__(self, config: S3Config) -> None:
         self.config = config
         self.batch_concurrency = config.max_concurrency
-        self._pool = ThreadPoolExecutor(
-            max_workers=config.max_concurrency, thread_name_prefix="flexkv-s3"
-        )
+        self._pool = worker_pool(config.max_concurrency, "flexkv-s3")
         self._client = self._make_client()
         self._closed = False
         self._lock = threading.Lock()

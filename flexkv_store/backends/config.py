@@ -95,6 +95,9 @@ class MemoryConfig(AdapterConfig):
     type: Literal["memory"] = "memory"
     #: Bytes of payload the adapter holds at most; a put beyond it raises StorageError.
     capacity_bytes: int | None = Field(default=None, ge=0)
+    #: Bytes of freed large payloads kept for reuse by later puts (fresh pages cost more
+    #: than the copy); at most ``capacity_bytes``; 0 returns freed memory at once.
+    recycle_bytes: int = Field(default=1 << 30, ge=0)
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
 
     @classmethod

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from flexkv_store._aio import settle
+from flexkv_store._threads import worker_pool
 from flexkv_store.transfer._copy import gather_blocks, scatter_blocks
 from flexkv_store.transfer._layouts import describe_kv_caches
 from flexkv_store.transfer._pool import BufferPool
@@ -47,7 +48,7 @@ def _copy_thread() -> ThreadPoolExecutor:
     global _COPY_THREAD
     with _copy_lock:
         if _COPY_THREAD is None:
-            _COPY_THREAD = ThreadPoolExecutor(1, thread_name_prefix="flexkv-copy")
+            _COPY_THREAD = worker_pool(1, "flexkv-copy")
         return _COPY_THREAD
 
 
