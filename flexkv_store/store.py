@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from flexkv_store._aio import ExceptionGroup, settle
-from flexkv_store._bytes import bytes_of
+from flexkv_store._bytes import bytes_of, copy_into
 from flexkv_store._consistency import Generations, Suspects, WriteLocks
 from flexkv_store._logs import Throttle
 from flexkv_store._threads import off_loop
@@ -979,7 +979,7 @@ class Store:
             if data is not None:
                 if len(data) > view.nbytes:
                     raise BufferTooSmallError(len(data), view.nbytes)
-                view[: len(data)] = data
+                await _copy_into(view, data)
                 self._hit(key)
                 self._count("l1", "get", "hit", len(data))
                 self._count("store", "get", "hit", len(data))
@@ -1003,7 +1003,7 @@ class Store:
             self._count("store", "get", "hit", n)
             self._hit(key)
             if self._l1 is not None or b > 0:
-                await self._promote([(key, bytes(view[:n]), b)], stamp)
+                await self._promote([(key, await _copied(view[:n]), b)], stamp)
             return n
         self._count("store", "get", "miss")
         if answered == len(self.backends) and self.accounting.known(key) is not False:
@@ -1321,6 +1321,14 @@ async def _copied(view: memoryview) -> bytes:
         return bytes(view)
     data: bytes = await settle(off_loop(bytes_of, view))
     return data
+
+
+async def _copy_into(view: memoryview, data: bytes) -> None:
+    """``view[:len(data)] = data``, in a worker thread when large."""
+    if len(data) < _L1_COPY_OFF_LOOP:
+        view[: len(data)] = data
+    else:
+        await settle(off_loop(copy_into, view, data))
 
 
 def _group(what: str, errors: Sequence[BaseException]) -> BaseException:

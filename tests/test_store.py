@@ -618,5 +618,17 @@ async def test_l1_copies_large_chunks_off_the_loop(monkeypatch: pytest.MonkeyPat
         data[:] = bytes(len(data))
         assert store._l1 is not None and store._l1.get(key(1)) == original
         assert store._l1.get(key(2)) == b"small"
-    assert threads and all(n.startswith("flexkv-copies") for n in threads)
-    assert len(threads) == 1  # the small chunk was copied on the loop
+        assert threads and all(n.startswith("flexkv-copies") for n in threads)
+        assert len(threads) == 1  # the small chunk was copied on the loop
+        # An L1 hit is copied out by a worker thread too.
+        into: list[str] = []
+        real_into = _bytes.copy_into
+
+        def spy_into(dst: memoryview, src: object) -> None:
+            into.append(threading.current_thread().name)
+            real_into(dst, src)
+
+        monkeypatch.setattr(store_mod, "copy_into", spy_into)
+        out = bytearray(len(original))
+        assert await store.get_into(key(1), out) == len(original) and out == original
+        assert len(into) == 1 and into[0].startswith("flexkv-copies")
