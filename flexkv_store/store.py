@@ -1158,8 +1158,10 @@ class Store:
 
         The gathers run in a worker thread, never on the event loop, and the gather of one
         chunk overlaps the writes of the chunks before it (a few chunks in flight, bounded
-        by the buffer pool). Raises what :meth:`put_many` raises for a chunk stored nowhere
-        (the first such chunk's error), after every chunk has finished.
+        by the buffer pool). A store whose only backend lends memory
+        (:meth:`L2Adapter.lend`, the memory adapter) gathers host caches straight into it.
+        Raises what :meth:`put_many` raises for a chunk stored nowhere (the first such
+        chunk's error), after every chunk has finished.
         """
         from flexkv_store.transfer._pipeline import BlockCopier
 
@@ -1169,9 +1171,21 @@ class Store:
                 self._blocks_pool(), kv_caches, block_ids, layout, len(ks), block_size=block_size
             )
             slots = asyncio.Semaphore(copier.depth)
+            # A lone backend that keeps payloads in its own memory lends it: the blocks
+            # are gathered straight into the stored object, one copy instead of two.
+            lender = self.backends[0] if len(self.backends) == 1 and copier.host_caches else None
 
             async def one(i: int) -> None:
                 async with slots:
+                    lent = lender.lend(copier.chunk_nbytes) if lender is not None else None
+                    if lent is not None:
+                        assert lender is not None
+                        try:
+                            await copier.gather_into(i, copier.wrap(lent))
+                            await self.put_many([(ks[i], lent)])
+                        finally:
+                            lender.unlend(lent)
+                        return
                     buf = await copier.gather(i)
                     try:
                         await self.put_many([(ks[i], buf)])

@@ -136,3 +136,34 @@ async def test_a_cancelled_put_stores_nothing_and_keeps_the_memory() -> None:
         await task
     assert await a.get(key) is None and a.total_bytes == 0
     assert a.info()["recycled_bytes"] == 64 * MIB
+
+
+async def test_lent_memory_is_adopted_by_a_put_of_exactly_it() -> None:
+    from flexkv_store._bytes import address_of
+
+    a = MemoryAdapter()
+    assert a.lend(MIB - 1) is None  # small payloads are kept as bytes: nothing to lend
+    k1, k2, k3 = (ObjectKey("m", 0, bytes([i])) for i in (1, 2, 3))
+    buf = a.lend(2 * MIB)
+    assert buf is not None and not buf.readonly
+    buf[:] = _big(5)
+    await a.put(k1, buf)
+    slab = a._data[k1][0]
+    assert not isinstance(slab, bytes) and int(slab.arr.ctypes.data) == address_of(buf)
+    a.unlend(buf)  # adopted: a no-op
+    assert a.info()["recycled_bytes"] == 0 and await a.get(k1) == _big(5)
+    other = a.lend(2 * MIB)
+    assert other is not None
+    other[:] = _big(6)
+    await a.put(k2, other[: MIB + 1])  # not exactly the lent buffer: copied, not adopted
+    assert await a.get(k2) == _big(6, MIB + 1)
+    a.unlend(other)  # never adopted: kept for reuse
+    assert a.info()["recycled_bytes"] == 2 * MIB
+    full = MemoryAdapter(MemoryConfig(capacity_bytes=3 * MIB))
+    await full.put(k1, _big(1))
+    lent = full.lend(2 * MIB)
+    assert lent is not None
+    with pytest.raises(StorageError):
+        await full.put(k3, lent)  # refused after adoption: the memory is kept, not lost
+    full.unlend(lent)
+    assert full.info()["recycled_bytes"] == 2 * MIB and await full.get(k3) is None

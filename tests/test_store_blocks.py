@@ -167,3 +167,63 @@ def test_pooled_buffers_start_on_a_page() -> None:
     for b in bufs:
         pool.release(b)
     assert pool.in_use_bytes == 0
+
+
+def _big_caches(seed: int) -> list[torch.Tensor]:
+    # vllm layout, 2 MiB chunks of 8 blocks: large enough for the memory adapter to lend.
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn((2, 32, 16, 8, 128), generator=gen).half() for _ in range(4)]
+
+
+class _Lender(MemoryAdapter):
+    """Records what it lent."""
+
+    def __init__(self, **config: Any) -> None:
+        from flexkv_store.backends.config import MemoryConfig
+
+        super().__init__(MemoryConfig(**config))
+        self.lent: list[int] = []
+
+    def lend(self, nbytes: int) -> memoryview | None:
+        view = super().lend(nbytes)
+        if view is not None:
+            from flexkv_store._bytes import address_of
+
+            self.lent.append(address_of(view))
+        return view
+
+
+async def test_a_lone_memory_backend_gets_blocks_gathered_in_place() -> None:
+    src = _big_caches(3)
+    dst = [torch.zeros_like(c) for c in src]
+    ids = random.Random(4).sample(range(32), 24)
+    backend = _Lender()
+    async with Store([backend]) as store:
+        await store.put_blocks(_keys(3), src, ids, "vllm")
+        assert len(backend.lent) == 3 and not backend._lent  # lent, and every one adopted
+        stored = {int(p.arr.ctypes.data) for p, _ in backend._data.values()}  # type: ignore[union-attr]
+        assert stored == set(backend.lent)  # the gathers wrote the stored objects themselves
+        assert store._block_pool is None or store._block_pool.held_bytes == 0
+        assert await store.get_blocks(_keys(3), dst, ids, "vllm") == 3
+    for c_src, c_dst in zip(src, dst, strict=True):
+        assert torch.equal(c_src[:, ids].view(torch.uint8), c_dst[:, ids].view(torch.uint8))
+
+
+async def test_lent_memory_comes_back_when_a_put_is_refused() -> None:
+    from flexkv_store.errors import QuotaExceededError
+
+    backend = _Lender()
+    ids = list(range(16))
+    async with Store([backend], quotas={"alice": 1 << 20}) as store:
+        with pytest.raises(QuotaExceededError):
+            await store.put_blocks(_keys(2, "alice"), _big_caches(5), ids, "vllm")
+        assert not backend._lent and len(backend) == 0
+        assert backend.info()["recycled_bytes"] == 2 * (2 << 20)  # both buffers kept for reuse
+
+
+async def test_two_backends_take_the_pooled_path() -> None:
+    a, b = _Lender(), _Lender()
+    src = _big_caches(6)
+    async with Store([a, b]) as store:
+        await store.put_blocks(_keys(2), src, list(range(16)), "vllm")
+        assert a.lent == [] and b.lent == [] and len(a) == len(b) == 2

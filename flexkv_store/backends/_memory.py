@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from flexkv_store._aio import settle
-from flexkv_store._bytes import bytes_of, copy_into
+from flexkv_store._bytes import address_of, bytes_of, copy_into
 from flexkv_store._threads import off_loop
 from flexkv_store.backends.base import (
     Buffer,
@@ -80,6 +80,8 @@ class MemoryAdapter(L2Adapter):
         # Freed large payloads by size, sizes in the order they were last freed to.
         self._free: dict[int, deque[np.ndarray]] = {}
         self._free_bytes = 0
+        # Lent and not yet adopted or handed back, by address.
+        self._lent: dict[int, np.ndarray] = {}
 
     # -- reusable memory ----------------------------------------------------------------
 
@@ -127,6 +129,31 @@ class MemoryAdapter(L2Adapter):
             if slab.dropped and not slab.readers:
                 self._give_back(slab.arr)
 
+    def lend(self, nbytes: int) -> memoryview | None:
+        # docstring inherited
+        if nbytes < self.copy_off_loop_bytes:
+            return None  # small payloads are kept as bytes
+        arr = self._take(nbytes)
+        self._lent[int(arr.ctypes.data)] = arr
+        return memoryview(arr.data)
+
+    def unlend(self, buf: memoryview) -> None:
+        # docstring inherited
+        arr = self._lent.pop(address_of(buf), None) if buf.nbytes else None
+        if arr is not None:
+            self._give_back(arr)
+
+    def _adopt(self, view: memoryview) -> np.ndarray | None:
+        """The lent array ``view`` is exactly, taken over; None if it is not one."""
+        if not self._lent or not view.nbytes:
+            return None
+        addr = address_of(view)
+        arr = self._lent.get(addr)
+        if arr is None or arr.nbytes != view.nbytes:
+            return None
+        del self._lent[addr]
+        return arr
+
     # -- the contract ----------------------------------------------------------------------
 
     async def put(self, key: ObjectKey, data: Buffer) -> None:
@@ -135,7 +162,10 @@ class MemoryAdapter(L2Adapter):
         view = as_bytes_view(data)
         n = view.nbytes
         payload: bytes | _Slab
-        if n >= self.copy_off_loop_bytes:
+        adopted = self._adopt(view) if n >= self.copy_off_loop_bytes else None
+        if adopted is not None:
+            payload = _Slab(adopted)  # filled by the caller in place: no copy
+        elif n >= self.copy_off_loop_bytes:
             arr = self._take(n)
             try:
                 # settle: the thread reads the caller's buffer until the copy is done.

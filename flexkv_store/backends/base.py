@@ -279,6 +279,21 @@ class L2Adapter(ABC):
                 report.foreign_removed += 1
         return report
 
+    def lend(self, nbytes: int) -> memoryview | None:
+        """Optional: writable memory of ``nbytes`` that a following :meth:`put` adopts.
+
+        For adapters that keep payloads in their own memory (memory): the caller fills
+        the buffer (e.g. gathers KV blocks straight into it) and passes it, unchanged in
+        length, to ``put``/``put_each``, which then keeps it instead of copying it. The
+        caller must not touch it after that put, and hands it back with :meth:`unlend`
+        whatever happened (a no-op once adopted). The default lends nothing.
+        """
+        return None
+
+    def unlend(self, buf: memoryview) -> None:
+        """Hand back a buffer from :meth:`lend` that no put adopted (no-op otherwise)."""
+        return None
+
     async def scan_foreign(self) -> AsyncIterator[str]:
         """Names in this adapter's namespace (its prefix) that are not its objects.
 

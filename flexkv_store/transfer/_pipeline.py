@@ -118,6 +118,23 @@ class BlockCopier:
             raise
         return buf
 
+    @property
+    def host_caches(self) -> bool:
+        """Whether the caches are in host memory (so any host buffer serves as well as a
+        pinned pooled one)."""
+        return self._stream is None
+
+    def wrap(self, view: memoryview) -> torch.Tensor:
+        """A chunk-shaped tensor over ``view`` (``chunk_nbytes`` writable bytes)."""
+        if view.nbytes != self.chunk_nbytes:
+            raise ValueError(f"buffer: {view.nbytes} bytes, a chunk needs {self.chunk_nbytes}")
+        return torch.frombuffer(view, dtype=self._spec.dtype).view(self._shape)
+
+    async def gather_into(self, i: int, buf: torch.Tensor) -> None:
+        """Gather chunk ``i`` into the caller's ``buf`` (from :meth:`wrap`), in the copy
+        thread."""
+        await self._off_loop(self._gather, i, buf)
+
     async def buffer(self) -> torch.Tensor:
         """A pooled buffer for one chunk, to read into (contents undefined)."""
         return await self._pool.acquire_async(self._shape, self._spec.dtype)
