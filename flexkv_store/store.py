@@ -1223,10 +1223,44 @@ class Store:
                 self._blocks_pool(), kv_caches, block_ids, layout, len(ks), block_size=block_size
             )
             present = await self.lookup_prefix(ks)
-            return await self._load_chunks(ks[:present], copier)
+            loaded, stopped = 0, False
+            if len(self.backends) == 1 and self._l1 is None and copier.host_caches:
+                loaded, stopped = await self._scatter_borrowed(ks[:present], copier)
+            if stopped:
+                return loaded
+            return await self._load_chunks(ks[:present], copier, loaded)
 
-    async def _load_chunks(self, keys: list[ObjectKey], copier: Any) -> int:
-        """Read ``keys`` in order into pooled buffers and scatter each; stop at a mismatch."""
+    async def _scatter_borrowed(self, keys: list[ObjectKey], copier: Any) -> tuple[int, bool]:
+        """Scatter the leading chunks straight from a lone backend's memory (one copy, not
+        two; :meth:`L2Adapter.borrow`). Returns the chunks loaded and whether the load is
+        over (a mismatch); the pooled path takes over from where it left off otherwise."""
+        backend, label = self.backends[0], self._labels[0]
+        for i, key in enumerate(keys):
+            if self._suspects.at(0, key):
+                return i, False
+            try:
+                lease = backend.borrow(key)
+            except Exception as exc:  # a miss, never the engine's error
+                self._backend_failed(label, "get", exc)
+                return i, False
+            if lease is None:
+                return i, False
+            try:
+                n = lease.view.nbytes
+                if n != copier.chunk_nbytes:
+                    _log_mismatch(key, n, copier.chunk_nbytes)
+                    return i, True
+                await copier.scatter(i, copier.wrap(lease.view))
+            finally:
+                lease.release()
+            self._count(label, "get", "hit", n)
+            self._count("store", "get", "hit", n)
+            self._hit(key)
+        return len(keys), False
+
+    async def _load_chunks(self, keys: list[ObjectKey], copier: Any, start: int = 0) -> int:
+        """Read ``keys[start:]`` in order into pooled buffers and scatter each; stop at a
+        mismatch. Returns how many of ``keys`` are loaded (``start`` already are)."""
 
         async def read(i: int) -> tuple[Any, int | None]:
             buf = await copier.buffer()
@@ -1241,7 +1275,7 @@ class Store:
             return buf, n
 
         window: collections.deque[asyncio.Task[tuple[Any, int | None]]] = collections.deque()
-        started = loaded = 0
+        started = loaded = start
         try:
             while loaded < len(keys):
                 while started < len(keys) and len(window) < copier.depth:
@@ -1251,10 +1285,7 @@ class Store:
                 try:
                     if n != copier.chunk_nbytes:
                         if n is not None:
-                            log.warning(
-                                "chunk %s has %s bytes, the caches' layout needs %d: not loaded",
-                                keys[loaded].to_wire(), n, copier.chunk_nbytes,
-                            )  # fmt: skip
+                            _log_mismatch(keys[loaded], n, copier.chunk_nbytes)
                         break
                     await copier.scatter(loaded, buf)
                     loaded += 1
@@ -1335,6 +1366,12 @@ async def _copied(view: memoryview) -> bytes:
         return bytes(view)
     data: bytes = await settle(off_loop(bytes_of, view))
     return data
+
+
+def _log_mismatch(key: ObjectKey, n: int, needed: int) -> None:
+    log.warning(
+        "chunk %s has %s bytes, the caches' layout needs %d: not loaded", key.to_wire(), n, needed
+    )
 
 
 async def _copy_into(view: memoryview, data: bytes) -> None:

@@ -167,3 +167,21 @@ async def test_lent_memory_is_adopted_by_a_put_of_exactly_it() -> None:
         await full.put(k3, lent)  # refused after adoption: the memory is kept, not lost
     full.unlend(lent)
     assert full.info()["recycled_bytes"] == 2 * MIB and await full.get(k3) is None
+
+
+async def test_a_borrowed_payload_outlives_an_overwrite() -> None:
+    a = MemoryAdapter()
+    k1, k2 = ObjectKey("m", 0, b"\x01"), ObjectKey("m", 0, b"\x02")
+    await a.put(k1, b"small")
+    assert a.borrow(k1) is None and a.borrow(k2) is None  # small or absent: use get_into
+    await a.put(k1, _big(1))
+    lease = a.borrow(k1)
+    assert lease is not None and bytes(lease.view) == _big(1)
+    await a.put(k1, _big(2))  # overwritten while lent
+    await a.put(k2, _big(3))  # same size: must not reuse the lent memory
+    assert bytes(lease.view) == _big(1)
+    assert a.info()["recycled_bytes"] == 0
+    lease.release()
+    lease.release()  # idempotent
+    assert a.info()["recycled_bytes"] == 2 * MIB
+    assert await a.get(k1) == _big(2) and await a.get(k2) == _big(3)

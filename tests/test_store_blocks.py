@@ -205,6 +205,9 @@ async def test_a_lone_memory_backend_gets_blocks_gathered_in_place() -> None:
         assert stored == set(backend.lent)  # the gathers wrote the stored objects themselves
         assert store._block_pool is None or store._block_pool.held_bytes == 0
         assert await store.get_blocks(_keys(3), dst, ids, "vllm") == 3
+        # ... and scattered straight from them too: the pool was never needed.
+        assert store._block_pool is None or store._block_pool.held_bytes == 0
+        assert all(p.readers == 0 for p, _ in backend._data.values())  # type: ignore[union-attr]
     for c_src, c_dst in zip(src, dst, strict=True):
         assert torch.equal(c_src[:, ids].view(torch.uint8), c_dst[:, ids].view(torch.uint8))
 
@@ -227,3 +230,17 @@ async def test_two_backends_take_the_pooled_path() -> None:
     async with Store([a, b]) as store:
         await store.put_blocks(_keys(2), src, list(range(16)), "vllm")
         assert a.lent == [] and b.lent == [] and len(a) == len(b) == 2
+
+
+async def test_a_borrowed_load_stops_at_a_chunk_of_the_wrong_size() -> None:
+    src = _big_caches(7)
+    dst = [torch.zeros_like(c) for c in src]
+    ids = list(range(24))
+    backend = _Lender()
+    async with Store([backend]) as store:
+        await store.put_blocks(_keys(3), src, ids, "vllm")
+        await store.put(_keys(3)[1], bytes(3 << 20))  # chunk 1 now holds 3 MiB, not 2
+        assert await store.get_blocks(_keys(3), dst, ids, "vllm") == 1
+    for c_src, c_dst in zip(src, dst, strict=True):
+        assert torch.equal(c_src[:, :8].view(torch.uint8), c_dst[:, :8].view(torch.uint8))
+        assert not c_dst[:, 8:].view(torch.uint8).any()  # nothing written after the stop

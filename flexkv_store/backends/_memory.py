@@ -13,6 +13,7 @@ from flexkv_store._aio import settle
 from flexkv_store._bytes import address_of, bytes_of, copy_into
 from flexkv_store._threads import off_loop
 from flexkv_store.backends.base import (
+    Borrowed,
     Buffer,
     Capabilities,
     L2Adapter,
@@ -125,9 +126,7 @@ class MemoryAdapter(L2Adapter):
         try:
             return await settle(off_loop(fn, *args))
         finally:
-            slab.readers -= 1
-            if slab.dropped and not slab.readers:
-                self._give_back(slab.arr)
+            self._unread(slab)
 
     def lend(self, nbytes: int) -> memoryview | None:
         # docstring inherited
@@ -142,6 +141,21 @@ class MemoryAdapter(L2Adapter):
         arr = self._lent.pop(address_of(buf), None) if buf.nbytes else None
         if arr is not None:
             self._give_back(arr)
+
+    def borrow(self, key: ObjectKey) -> Borrowed | None:
+        # docstring inherited
+        check_key(key)
+        entry = self._data.get(key)
+        if entry is None or isinstance(entry[0], bytes):
+            return None  # small payloads: get_into copies them in microseconds
+        slab = entry[0]
+        slab.readers += 1
+        return Borrowed(slab.view, lambda: self._unread(slab))
+
+    def _unread(self, slab: _Slab) -> None:
+        slab.readers -= 1
+        if slab.dropped and not slab.readers:
+            self._give_back(slab.arr)
 
     def _adopt(self, view: memoryview) -> np.ndarray | None:
         """The lent array ``view`` is exactly, taken over; None if it is not one."""

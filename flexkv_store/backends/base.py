@@ -22,6 +22,7 @@ from flexkv_store.errors import BufferTooSmallError, InvalidKeyError, StorageErr
 from flexkv_store.keyformat import ObjectKey, as_bytes_view
 
 __all__ = [
+    "Borrowed",
     "Buffer",
     "Capabilities",
     "L2Adapter",
@@ -125,6 +126,22 @@ def raise_batch(what: str, keys: Sequence[ObjectKey], results: Sequence[Exceptio
         f"{what}: {len(failed)} of {len(results)} objects not stored; "
         f"first {key.to_wire()}: {first}"
     ) from first
+
+
+class Borrowed:
+    """A stored payload lent by :meth:`L2Adapter.borrow`; :meth:`release` it once read."""
+
+    __slots__ = ("_release", "view")
+
+    def __init__(self, view: memoryview, release: Callable[[], None]) -> None:
+        self.view = view
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """Hand the payload back (idempotent)."""
+        fn, self._release = self._release, None
+        if fn is not None:
+            fn()
 
 
 class L2Adapter(ABC):
@@ -292,6 +309,16 @@ class L2Adapter(ABC):
 
     def unlend(self, buf: memoryview) -> None:
         """Hand back a buffer from :meth:`lend` that no put adopted (no-op otherwise)."""
+        return None
+
+    def borrow(self, key: ObjectKey) -> Borrowed | None:
+        """Optional: the stored payload of ``key`` itself, to read without a copy.
+
+        For adapters that keep payloads in their own memory (memory): the value stays
+        as it is until :meth:`Borrowed.release`, even if the key is overwritten or
+        deleted meanwhile. ``None`` when absent or not lendable (the default): use
+        :meth:`get_into`. Never write through the view.
+        """
         return None
 
     async def scan_foreign(self) -> AsyncIterator[str]:
