@@ -272,6 +272,34 @@ class AdapterTests:
         assert bigger[:10000].tobytes() == data
         assert (bigger[10000:] == 0xEE).all(), "bytes past the object must stay untouched"
 
+    async def test_lend_and_borrow_when_offered(self, adapter: L2Adapter) -> None:
+        """Optional zero-copy paths: lent memory filled and put is stored (and nothing
+        else); a borrowed payload is the stored one; either may be declined (None)."""
+        n = 2 * MIB + 3
+        data = _pattern(n, 77)
+        key = _key(77)
+        lent = adapter.lend(n)
+        if lent is not None:
+            assert lent.nbytes == n and not lent.readonly
+            lent[:] = data
+            await adapter.put(key, lent)
+            adapter.unlend(lent)
+        else:
+            await adapter.put(key, data)
+        got = await adapter.get(key)
+        assert got is not None and bytes(got) == data
+        spare = adapter.lend(n)
+        if spare is not None:
+            adapter.unlend(spare)  # never put: handed back, stores nothing
+            assert await adapter.exists_many([_key(78)]) == [False]
+        lease = adapter.borrow(key)
+        if lease is not None:
+            try:
+                assert bytes(lease.view) == data
+            finally:
+                lease.release()
+        assert adapter.borrow(_key(79)) is None  # absent
+
     async def test_get_into_torch(self, adapter: L2Adapter) -> None:
         torch = pytest.importorskip("torch")
         data = _pattern(8192, 11)
