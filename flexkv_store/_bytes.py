@@ -50,5 +50,10 @@ def bytes_of(view: memoryview) -> bytes:
 def copy_into(dst: memoryview, src: Any) -> None:
     """``dst[:len(src)] = src`` without the GIL (both C-contiguous, ``dst`` writable)."""
     n = memoryview(src).nbytes
+    if dst.readonly or n > dst.nbytes:
+        raise ValueError(
+            f"dst: needs {n} writable bytes, has {dst.nbytes}"
+            + (" (read-only)" if dst.readonly else "")
+        )
     if n:
         ctypes.memmove(address_of(dst), address_of(src), n)

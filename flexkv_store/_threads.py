@@ -4,8 +4,10 @@ Copies, checksums and I/O submission run in worker threads so that the event loo
 waits on them. On a machine whose cores they keep busy, the loop thread still has to wait
 for a core whenever it wakes (measured: 5-9 ms late on 2 cores during ``put_blocks``,
 although it did no work itself). Worker threads therefore run ``BACKGROUND_NICE`` steps
-nicer than the thread that created their pool: the kernel then hands a waking loop thread
-a core at once, and the workers still get every cycle the engine leaves idle.
+nicer than the thread that started them: the kernel then hands a waking loop thread
+a core at once, and the workers still get every cycle the engine leaves idle. (Each worker
+lowers its own priority when it starts, relative to the thread that started it; threads a
+worker starts, such as the copy routine's OpenMP team, inherit the lower priority.)
 """
 
 from __future__ import annotations

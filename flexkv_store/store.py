@@ -1173,7 +1173,11 @@ class Store:
             slots = asyncio.Semaphore(copier.depth)
             # A lone backend that keeps payloads in its own memory lends it: the blocks
             # are gathered straight into the stored object, one copy instead of two.
-            lender = self.backends[0] if len(self.backends) == 1 and copier.host_caches else None
+            lender = (
+                self.backends[0]
+                if len(self.backends) == 1 and self._l1 is None and copier.host_caches
+                else None
+            )
 
             async def one(i: int) -> None:
                 async with slots:
@@ -1240,8 +1244,7 @@ class Store:
                 return i, False
             try:
                 lease = backend.borrow(key)
-            except Exception as exc:  # a miss, never the engine's error
-                self._backend_failed(label, "get", exc)
+            except Exception:  # the pooled path asks again, and counts a failure once
                 return i, False
             if lease is None:
                 return i, False

@@ -103,13 +103,15 @@ def test_scratch_cache_is_bounded_and_evicts_the_stalest_class() -> None:
     huge = _io.aligned_buffer(65 << 20)
     huge.release()  # over the whole cap: never cached
     assert 65 << 20 not in _io._cache
-    # Emptied classes do not break eviction.
+    # Emptied classes (left behind as empty queues) do not break eviction.
     taken = [_io.aligned_buffer(20 << 20) for _ in range(2)]
-    for _ in range(6):
-        _io.aligned_buffer(4 << 20)
-    for t in taken:
-        t.release()
-    assert _io._cached_bytes == 40 << 20
+    small_again = [_io.aligned_buffer(4 << 20) for _ in range(6)]
+    assert _io._cached_bytes == 0 and [len(q) for q in _io._cache.values()] == [0, 0]
+    bigger = [_io.aligned_buffer(30 << 20) for _ in range(3)]
+    for b in (*taken, *small_again, *bigger):
+        b.release()  # 154 MiB released into 64: eviction walks past the empty queues
+    assert _io._cached_bytes <= 64 << 20
+    assert _io._cached_bytes == sum(s.size for q in _io._cache.values() for s in q)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

@@ -124,18 +124,37 @@ async def test_a_read_in_flight_keeps_its_value_when_the_key_is_overwritten(
     assert a.info()["recycled_bytes"] == 2 * MIB  # handed back once the read was done
 
 
-async def test_a_cancelled_put_stores_nothing_and_keeps_the_memory() -> None:
+async def test_a_cancelled_put_stores_nothing_and_keeps_the_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled mid-copy, a put returns only once the copy is done (the caller may then
+    reuse its buffer), stores nothing, and keeps the memory for reuse."""
     import asyncio
+    import threading
 
+    from flexkv_store import _bytes
+    from flexkv_store.backends import _memory
+
+    gate, entered = threading.Event(), threading.Event()
+
+    def gated(dst: memoryview, src: object) -> None:
+        entered.set()
+        assert gate.wait(10)
+        _bytes.copy_into(dst, src)
+
+    monkeypatch.setattr(_memory, "copy_into", gated)
     a = MemoryAdapter()
     key = ObjectKey("m", 0, b"\x01")
-    task = asyncio.ensure_future(a.put(key, _big(1, 64 * MIB)))
-    await asyncio.sleep(0)
+    task = asyncio.ensure_future(a.put(key, _big(1, 4 * MIB)))
+    await asyncio.to_thread(entered.wait, 10)
     task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still copying from the caller's buffer
+    gate.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await a.get(key) is None and a.total_bytes == 0
-    assert a.info()["recycled_bytes"] == 64 * MIB
+    assert a.info()["recycled_bytes"] == 4 * MIB
 
 
 async def test_lent_memory_is_adopted_by_a_put_of_exactly_it() -> None:
@@ -185,3 +204,28 @@ async def test_a_borrowed_payload_outlives_an_overwrite() -> None:
     lease.release()  # idempotent
     assert a.info()["recycled_bytes"] == 2 * MIB
     assert await a.get(k1) == _big(2) and await a.get(k2) == _big(3)
+
+
+async def test_unlend_after_a_refused_put_leaves_a_later_lend_alone() -> None:
+    """A refused put of lent memory gives it back; the caller's unlend must then not hand
+    back a later caller's lend of that same memory (two owners of one buffer)."""
+    a = MemoryAdapter(MemoryConfig(capacity_bytes=3 * MIB))
+    k1, k2 = ObjectKey("m", 0, b"\x01"), ObjectKey("m", 0, b"\x02")
+    await a.put(k1, _big(1))
+    first = a.lend(2 * MIB)
+    assert first is not None
+    with pytest.raises(StorageError):
+        await a.put(k2, first)  # over capacity: adopted, then given back
+    second = a.lend(2 * MIB)  # the same memory, lent again
+    assert second is not None
+    a.unlend(first)  # late: must not free `second`
+    third = a.lend(2 * MIB)
+    assert third is not None
+    from flexkv_store._bytes import address_of
+
+    assert address_of(third) != address_of(second)
+    await a.delete(k1)
+    second[:] = _big(2)
+    third[:] = _big(3)
+    await a.put(k2, second)
+    assert await a.get(k2) == _big(2)

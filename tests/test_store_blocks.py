@@ -244,3 +244,32 @@ async def test_a_borrowed_load_stops_at_a_chunk_of_the_wrong_size() -> None:
     for c_src, c_dst in zip(src, dst, strict=True):
         assert torch.equal(c_src[:, :8].view(torch.uint8), c_dst[:, :8].view(torch.uint8))
         assert not c_dst[:, 8:].view(torch.uint8).any()  # nothing written after the stop
+
+
+async def test_an_l1_tier_keeps_the_pooled_path() -> None:
+    backend = _Lender()
+    src = _big_caches(8)
+    dst = [torch.zeros_like(c) for c in src]
+    async with Store([backend], l1_capacity_bytes=64 << 20) as store:
+        await store.put_blocks(_keys(2), src, list(range(16)), "vllm")
+        assert backend.lent == [] and len(backend) == 2
+        assert await store.get_blocks(_keys(2), dst, list(range(16)), "vllm") == 2
+    assert all(torch.equal(a[:, :16], b[:, :16]) for a, b in zip(src, dst, strict=True))
+
+
+async def test_a_backend_whose_reads_are_overridden_is_not_borrowed_from() -> None:
+    class Counting(_Lender):
+        reads = 0
+
+        async def get_into(self, key: ObjectKey, out: Any) -> int | None:
+            type(self).reads += 1
+            return await super().get_into(key, out)
+
+    backend = Counting()
+    src = _big_caches(9)
+    async with Store([backend]) as store:
+        await store.put_blocks(_keys(2), src, list(range(16)), "vllm")
+        assert backend.borrow(_keys(2)[0]) is None
+        dst = [torch.zeros_like(c) for c in src]
+        assert await store.get_blocks(_keys(2), dst, list(range(16)), "vllm") == 2
+        assert Counting.reads == 2

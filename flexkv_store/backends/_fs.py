@@ -705,7 +705,7 @@ class FsAdapter(L2Adapter):
             job.result = None
             return
         if job.out is None:
-            # GIL-free and with huge pages: worker threads' copies do not serialise.
+            # Without the GIL: worker threads' copies do not serialise.
             job.result = payload if isinstance(payload, bytes) else bytes_of(payload)
         else:
             if job.bounced:

@@ -324,13 +324,15 @@ class _Scratch:
         global _cached_bytes
         if self.size > _CACHE_LIMIT:
             return  # dropped (unmapped once the last view of it is gone)
+        dropped: list[_Scratch] = []  # unmapped after the lock is released
         with _cache_lock:
             # Over the cap, the size class released least recently gives up buffers
             # first: a workload that moves to larger objects keeps its buffers warm.
             while _cached_bytes + self.size > _CACHE_LIMIT:
                 size, free = next(iter(_cache.items()))
                 if free:
-                    _cached_bytes -= free.popleft().size
+                    dropped.append(free.popleft())
+                    _cached_bytes -= size
                 if not free:
                     del _cache[size]
             free = _cache.pop(self.size) if self.size in _cache else deque()

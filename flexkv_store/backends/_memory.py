@@ -81,8 +81,10 @@ class MemoryAdapter(L2Adapter):
         # Freed large payloads by size, sizes in the order they were last freed to.
         self._free: dict[int, deque[np.ndarray]] = {}
         self._free_bytes = 0
-        # Lent and not yet adopted or handed back, by address.
-        self._lent: dict[int, np.ndarray] = {}
+        # Lent and not yet adopted or handed back, by address: the array and the very
+        # view handed out (unlend matches that object, not just an address that a later
+        # lend of the same memory may share).
+        self._lent: dict[int, tuple[np.ndarray, memoryview]] = {}
 
     # -- reusable memory ----------------------------------------------------------------
 
@@ -133,18 +135,23 @@ class MemoryAdapter(L2Adapter):
         if nbytes < self.copy_off_loop_bytes:
             return None  # small payloads are kept as bytes
         arr = self._take(nbytes)
-        self._lent[int(arr.ctypes.data)] = arr
-        return memoryview(arr.data)
+        view = memoryview(arr.data)
+        self._lent[int(arr.ctypes.data)] = (arr, view)
+        return view
 
     def unlend(self, buf: memoryview) -> None:
         # docstring inherited
-        arr = self._lent.pop(address_of(buf), None) if buf.nbytes else None
-        if arr is not None:
-            self._give_back(arr)
+        addr = address_of(buf) if buf.nbytes else 0
+        entry = self._lent.get(addr)
+        if entry is not None and entry[1] is buf:  # still lent to this caller
+            del self._lent[addr]
+            self._give_back(entry[0])
 
     def borrow(self, key: ObjectKey) -> Borrowed | None:
         # docstring inherited
         check_key(key)
+        if type(self).get_into is not MemoryAdapter.get_into:
+            return None  # a subclass that reads differently must be asked through get_into
         entry = self._data.get(key)
         if entry is None or isinstance(entry[0], bytes):
             return None  # small payloads: get_into copies them in microseconds
@@ -162,11 +169,11 @@ class MemoryAdapter(L2Adapter):
         if not self._lent or not view.nbytes:
             return None
         addr = address_of(view)
-        arr = self._lent.get(addr)
-        if arr is None or arr.nbytes != view.nbytes:
+        entry = self._lent.get(addr)
+        if entry is None or entry[0].nbytes != view.nbytes:
             return None
         del self._lent[addr]
-        return arr
+        return entry[0]
 
     # -- the contract ----------------------------------------------------------------------
 

@@ -129,7 +129,11 @@ def raise_batch(what: str, keys: Sequence[ObjectKey], results: Sequence[Exceptio
 
 
 class Borrowed:
-    """A stored payload lent by :meth:`L2Adapter.borrow`; :meth:`release` it once read."""
+    """A stored payload lent by :meth:`L2Adapter.borrow`; :meth:`release` it once read.
+
+    ``view`` may be writable (so that torch can wrap it without a warning), but it is the
+    stored object itself: never write through it.
+    """
 
     __slots__ = ("_release", "view")
 
@@ -316,8 +320,9 @@ class L2Adapter(ABC):
 
         For adapters that keep payloads in their own memory (memory): the value stays
         as it is until :meth:`Borrowed.release`, even if the key is overwritten or
-        deleted meanwhile. ``None`` when absent or not lendable (the default): use
-        :meth:`get_into`. Never write through the view.
+        deleted meanwhile, and must be what :meth:`get_into` would read. ``None`` when
+        absent or not lendable (the default): use :meth:`get_into`. Never write through
+        the view.
         """
         return None
 

@@ -291,7 +291,8 @@ class AdapterTests:
         spare = adapter.lend(n)
         if spare is not None:
             adapter.unlend(spare)  # never put: handed back, stores nothing
-            assert await adapter.exists_many([_key(78)]) == [False]
+            assert [i.key async for i in adapter.scan()] == [key]
+            assert bytes(await adapter.get(key) or b"") == data
         lease = adapter.borrow(key)
         if lease is not None:
             try:
