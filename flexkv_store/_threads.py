@@ -54,6 +54,17 @@ _copies: ThreadPoolExecutor | None = None
 _copies_lock = threading.Lock()
 
 
+def _reset_after_fork() -> None:
+    # A forked child has none of the parent's worker threads (nor a lock they held).
+    global _copies, _copies_lock
+    _copies = None
+    _copies_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def off_loop(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
     """Run ``fn(*args)`` (a large copy) in the process's shared copy threads.
 

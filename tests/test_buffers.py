@@ -126,3 +126,35 @@ def test_worker_threads_run_nicer_than_their_creator() -> None:
         theirs = pool.submit(nice).result()
     assert theirs == min(19, mine + _threads.BACKGROUND_NICE)
     assert nice() == mine  # the caller's own priority is untouched
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_copies_and_reads_scratch_after_the_parent_used_them() -> None:
+    """The shared copy threads and the scratch cache start afresh in a forked child (a
+    lock held at the fork, or threads that are gone, would hang it)."""
+    import asyncio
+    import multiprocessing
+
+    from flexkv_store import _threads
+
+    async def use() -> bytes:
+        src = os.urandom(2 << 20)
+        out = await _threads.off_loop(_bytes.bytes_of, memoryview(src))
+        assert out == src
+        s = _io.aligned_buffer(1 << 20)
+        s.release()
+        return out[:4]
+
+    asyncio.run(use())  # the parent has started its pool and filled the cache
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    def child() -> None:
+        q.put(len(asyncio.run(use())))
+
+    p = ctx.Process(target=child, daemon=True)
+    p.start()
+    p.join(30)
+    if p.is_alive():
+        p.kill()  # hung: fail, and leave nothing behind
+    assert p.exitcode == 0 and q.get(timeout=1) == 4

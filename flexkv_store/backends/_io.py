@@ -308,6 +308,18 @@ _cache: dict[int, deque[_Scratch]] = {}
 _cached_bytes = 0
 
 
+def _reset_after_fork() -> None:
+    # A forked child has one thread: a lock another thread held at the fork stays held.
+    global _cache_lock, _cached_bytes
+    _cache_lock = threading.Lock()
+    _cache.clear()
+    _cached_bytes = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _size_class(n: int) -> int:
     # Powers of two up to 1 MiB, then whole MiB: a 4 MiB payload plus its 4 KiB header
     # takes 5 MiB, not 8.

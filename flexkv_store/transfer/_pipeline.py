@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,17 @@ def _copy_thread() -> ThreadPoolExecutor:
         if _COPY_THREAD is None:
             _COPY_THREAD = worker_pool(1, "flexkv-copy")
         return _COPY_THREAD
+
+
+def _reset_after_fork() -> None:
+    # A forked child has none of the parent's threads: its first copy starts a new one.
+    global _COPY_THREAD, _copy_lock
+    _COPY_THREAD = None
+    _copy_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def split_block_ids(num_chunks: int, block_ids: Sequence[int] | Any) -> tuple[list[int], int]:
