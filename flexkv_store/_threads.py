@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["BACKGROUND_NICE", "lower_priority", "off_loop", "worker_pool"]
+__all__ = ["BACKGROUND_NICE", "lower_priority", "off_loop", "shared_pool", "worker_pool"]
 
 _T = TypeVar("_T")
 
@@ -50,15 +50,25 @@ def worker_pool(workers: int, name: str) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=lower_priority)
 
 
-_copies: ThreadPoolExecutor | None = None
-_copies_lock = threading.Lock()
+_shared: dict[str, ThreadPoolExecutor] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's pool called ``name`` (a :func:`worker_pool`), made on first use."""
+    with _shared_lock:
+        pool = _shared.get(name)
+        if pool is None:
+            pool = _shared[name] = worker_pool(workers, name)
+        return pool
 
 
 def _reset_after_fork() -> None:
-    # A forked child has none of the parent's worker threads (nor a lock they held).
-    global _copies, _copies_lock
-    _copies = None
-    _copies_lock = threading.Lock()
+    # A forked child has none of the parent's worker threads (nor a lock they held): its
+    # first use of a shared pool starts new ones.
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -72,8 +82,5 @@ def off_loop(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
     (the memory adapter's, the store's L1 tier's). Wrap the future in ``settle`` when the
     copy reads or writes a caller's buffer.
     """
-    global _copies
-    with _copies_lock:
-        if _copies is None:
-            _copies = worker_pool(2, "flexkv-copies")
-    return asyncio.get_running_loop().run_in_executor(_copies, fn, *args)
+    pool = shared_pool("flexkv-copies", 2)
+    return asyncio.get_running_loop().run_in_executor(pool, fn, *args)

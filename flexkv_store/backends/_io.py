@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from flexkv_store import _bytes
 from flexkv_store.backends._uring import UringLib
 
 __all__ = [
@@ -387,10 +388,5 @@ def aligned_buffer(n: int) -> _Scratch:
 
 
 def address_of(view: memoryview) -> int:
-    """The address of a buffer's first byte (for alignment checks)."""
-    import numpy as np
-
-    if view.nbytes == 0:
-        return 0
-    arr = np.frombuffer(view, dtype=np.uint8)
-    return int(arr.__array_interface__["data"][0])
+    """The address of a buffer's first byte (for alignment checks); 0 when empty."""
+    return _bytes.address_of(view) if view.nbytes else 0

@@ -7,7 +7,7 @@ loop never waits for a copy. The store drives it: it gathers chunk ``i + 1`` whi
 most :attr:`BlockCopier.depth` chunks in flight (bounded by the buffer pool). This module
 never imports the store: the store calls the transfer layer, not the other way round.
 
-Copies run one at a time on one worker thread per process (:data:`_COPY_THREAD`): each is
+Copies run one at a time on one worker thread per process (the shared pool ``flexkv-copy``): each is
 memory-bound and already spreads over every core (the C routine's OpenMP team, or torch's
 intra-op pool), so two at once would only share the bandwidth. With CUDA caches the copy is
 issued on the stream that was current when the copier was made (the engine's), and the
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from flexkv_store._aio import settle
-from flexkv_store._threads import worker_pool
+from flexkv_store._threads import shared_pool
 from flexkv_store.transfer._copy import gather_blocks, scatter_blocks
 from flexkv_store.transfer._layouts import describe_kv_caches
 from flexkv_store.transfer._pool import BufferPool
@@ -41,27 +39,9 @@ _T = TypeVar("_T")
 #: around it busy; more only holds buffers.
 MAX_DEPTH = 4
 
-_COPY_THREAD: ThreadPoolExecutor | None = None
-_copy_lock = threading.Lock()
-
 
 def _copy_thread() -> ThreadPoolExecutor:
-    global _COPY_THREAD
-    with _copy_lock:
-        if _COPY_THREAD is None:
-            _COPY_THREAD = worker_pool(1, "flexkv-copy")
-        return _COPY_THREAD
-
-
-def _reset_after_fork() -> None:
-    # A forked child has none of the parent's threads: its first copy starts a new one.
-    global _COPY_THREAD, _copy_lock
-    _COPY_THREAD = None
-    _copy_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    return shared_pool("flexkv-copy", 1)
 
 
 def split_block_ids(num_chunks: int, block_ids: Sequence[int] | Any) -> tuple[list[int], int]:
