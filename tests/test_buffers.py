@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexkv_store import _bytes
+from flexkv_store._freelist import FreeLists
 from flexkv_store.backends import _io
 
 
@@ -73,9 +74,7 @@ def test_copy_into() -> None:
 
 @pytest.fixture
 def small_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_io, "_CACHE_LIMIT", 64 << 20)
-    monkeypatch.setattr(_io, "_cache", {})
-    monkeypatch.setattr(_io, "_cached_bytes", 0)
+    monkeypatch.setattr(_io, "_cache", FreeLists(64 << 20))
 
 
 @pytest.mark.usefixtures("small_cache")
@@ -89,29 +88,50 @@ def test_scratch_is_aligned_and_reused() -> None:
 
 @pytest.mark.usefixtures("small_cache")
 def test_scratch_cache_is_bounded_and_evicts_the_stalest_class() -> None:
+    cache = _io._cache
     small = [_io.aligned_buffer(4 << 20) for _ in range(12)]  # 48 MiB
     for s in small:
         s.release()
-    assert _io._cached_bytes == 48 << 20
+    assert cache.bytes == 48 << 20
     big = [_io.aligned_buffer(20 << 20) for _ in range(2)]  # 40 MiB
     for b in big:
         b.release()
     # 88 MiB released into 64: small buffers (released earlier) were dropped, not big ones.
-    assert _io._cached_bytes <= 64 << 20
-    assert len(_io._cache[20 << 20]) == 2
-    assert len(_io._cache[4 << 20]) == 6
+    assert cache.bytes <= 64 << 20
+    assert cache.count(20 << 20) == 2 and cache.count(4 << 20) == 6
     huge = _io.aligned_buffer(65 << 20)
     huge.release()  # over the whole cap: never cached
-    assert 65 << 20 not in _io._cache
-    # Emptied classes (left behind as empty queues) do not break eviction.
+    assert cache.count(65 << 20) == 0
+    # Emptied classes do not break eviction.
     taken = [_io.aligned_buffer(20 << 20) for _ in range(2)]
     small_again = [_io.aligned_buffer(4 << 20) for _ in range(6)]
-    assert _io._cached_bytes == 0 and [len(q) for q in _io._cache.values()] == [0, 0]
+    assert cache.bytes == 0
     bigger = [_io.aligned_buffer(30 << 20) for _ in range(3)]
     for b in (*taken, *small_again, *bigger):
-        b.release()  # 154 MiB released into 64: eviction walks past the empty queues
-    assert _io._cached_bytes <= 64 << 20
-    assert _io._cached_bytes == sum(s.size for q in _io._cache.values() for s in q)
+        b.release()  # 154 MiB released into 64
+    assert cache.bytes == 60 << 20 and cache.count(30 << 20) == 2
+
+
+def test_free_lists_are_safe_across_threads() -> None:
+    lists: FreeLists[object] = FreeLists(1000)
+    errors: list[BaseException] = []
+
+    def churn(seed: int) -> None:
+        try:
+            for i in range(2000):
+                size = 10 * (1 + (seed + i) % 7)
+                item = lists.take(size) or object()
+                lists.give(size, item)
+        except BaseException as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and 0 < lists.bytes <= 1000
+    assert lists.bytes == sum(10 * k * lists.count(10 * k) for k in range(1, 8))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

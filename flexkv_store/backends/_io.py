@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from flexkv_store import _bytes
+from flexkv_store._freelist import FreeLists
 from flexkv_store.backends._uring import UringLib
 
 __all__ = [
@@ -303,18 +304,14 @@ class UringEngine:
 
 #: Cap on the scratch memory kept for reuse, process-wide; beyond it buffers are dropped.
 _CACHE_LIMIT = 512 << 20
-_cache_lock = threading.Lock()
-#: Free buffers per size class; classes in the order they were last released to.
-_cache: dict[int, deque[_Scratch]] = {}
-_cached_bytes = 0
+#: Free scratch buffers, shared by every adapter and worker thread.
+_cache: FreeLists[_Scratch] = FreeLists(_CACHE_LIMIT)
 
 
 def _reset_after_fork() -> None:
     # A forked child has one thread: a lock another thread held at the fork stays held.
-    global _cache_lock, _cached_bytes
-    _cache_lock = threading.Lock()
-    _cache.clear()
-    _cached_bytes = 0
+    global _cache
+    _cache = FreeLists(_CACHE_LIMIT)
 
 
 if hasattr(os, "register_at_fork"):
@@ -350,24 +347,7 @@ class _Scratch:
         return memoryview(self.mm)[:n]
 
     def release(self) -> None:
-        global _cached_bytes
-        if self.size > _CACHE_LIMIT:
-            return  # dropped (unmapped once the last view of it is gone)
-        dropped: list[_Scratch] = []  # unmapped after the lock is released
-        with _cache_lock:
-            # Over the cap, the size class released least recently gives up buffers
-            # first: a workload that moves to larger objects keeps its buffers warm.
-            while _cached_bytes + self.size > _CACHE_LIMIT:
-                size, free = next(iter(_cache.items()))
-                if free:
-                    dropped.append(free.popleft())
-                    _cached_bytes -= size
-                if not free:
-                    del _cache[size]
-            free = _cache.pop(self.size) if self.size in _cache else deque()
-            free.append(self)
-            _cache[self.size] = free  # now the most recently released class
-            _cached_bytes += self.size
+        _cache.give(self.size, self)  # or dropped: unmapped once its last view is gone
 
 
 def aligned_buffer(n: int) -> _Scratch:
@@ -377,14 +357,8 @@ def aligned_buffer(n: int) -> _Scratch:
     (anonymous mappings are page-aligned, and reusing them avoids page faults on every
     read); call ``release()`` when the I/O is done.
     """
-    global _cached_bytes
     size = _size_class(max(n, 1))
-    with _cache_lock:
-        free = _cache.get(size)
-        if free:
-            _cached_bytes -= size
-            return free.pop()  # the most recently released: likeliest still in cache
-    return _Scratch(size)
+    return _cache.take(size) or _Scratch(size)
 
 
 def address_of(view: memoryview) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from flexkv_store._aio import settle
 from flexkv_store._bytes import address_of, bytes_of, copy_into
+from flexkv_store._freelist import FreeLists
 from flexkv_store._threads import off_loop
 from flexkv_store.backends.base import (
     Borrowed,
@@ -78,9 +78,11 @@ class MemoryAdapter(L2Adapter):
         self.config = config or MemoryConfig()
         self._data: dict[ObjectKey, tuple[bytes | _Slab, float]] = {}
         self._bytes = 0
-        # Freed large payloads by size, sizes in the order they were last freed to.
-        self._free: dict[int, deque[np.ndarray]] = {}
-        self._free_bytes = 0
+        # Freed large payloads, kept for later puts of the same size.
+        limit = self.config.recycle_bytes
+        if self.config.capacity_bytes is not None:
+            limit = min(limit, self.config.capacity_bytes)
+        self._free: FreeLists[np.ndarray] = FreeLists(limit)
         # Lent and not yet adopted or handed back, by address: the array and the very
         # view handed out (unlend matches that object, not just an address that a later
         # lend of the same memory may share).
@@ -89,32 +91,12 @@ class MemoryAdapter(L2Adapter):
     # -- reusable memory ----------------------------------------------------------------
 
     def _take(self, n: int) -> np.ndarray:
-        free = self._free.get(n)
-        if free:
-            self._free_bytes -= n
-            arr = free.pop()
-            if not free:
-                del self._free[n]
-            return arr
-        return np.empty(n, dtype=np.uint8)  # pages are mapped when the copy touches them
+        arr = self._free.take(n)
+        # Fresh pages are mapped when the copy touches them.
+        return arr if arr is not None else np.empty(n, dtype=np.uint8)
 
     def _give_back(self, arr: np.ndarray) -> None:
-        n = int(arr.nbytes)
-        limit = self.config.recycle_bytes
-        if self.config.capacity_bytes is not None:
-            limit = min(limit, self.config.capacity_bytes)
-        if n > limit:
-            return
-        while self._free_bytes + n > limit:
-            size, free = next(iter(self._free.items()))
-            free.popleft()
-            self._free_bytes -= size
-            if not free:
-                del self._free[size]
-        free = self._free.pop(n) if n in self._free else deque()
-        free.append(arr)
-        self._free[n] = free
-        self._free_bytes += n
+        self._free.give(int(arr.nbytes), arr)
 
     def _drop(self, payload: bytes | _Slab) -> None:
         """A payload left the dict: reuse its memory once no copy reads it."""
@@ -297,5 +279,5 @@ class MemoryAdapter(L2Adapter):
             "objects": len(self._data),
             "bytes": self._bytes,
             "capacity_bytes": self.config.capacity_bytes,
-            "recycled_bytes": self._free_bytes,
+            "recycled_bytes": self._free.bytes,
         }
