@@ -11,17 +11,22 @@ Nothing else can see the new object before it is filled.
 Transparent huge pages would make those faults 512 times fewer, but with THP ``defrag``
 set to ``madvise`` (the common default) an advised fault compacts memory synchronously,
 which measured slower, not faster, whenever free memory was fragmented (after another
-process had run); so these short-lived objects are not advised.
+process had run); so these short-lived objects are not advised. Long-lived buffers are, with
+:func:`advise_huge`: ``mmap.madvise`` holds the GIL, and ``madvise`` waits for the
+process's memory-map lock, which other threads' page faults and ``munmap`` calls hold (a
+trace showed the loop and every worker waiting 4 ms on the GIL behind one such call).
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
+import sys
 from typing import Any
 
 import numpy as np
 
-__all__ = ["address_of", "bytes_of", "copy_into"]
+__all__ = ["address_of", "advise_huge", "bytes_of", "copy_into"]
 
 #: Below this, ``bytes(view)`` (GIL held for microseconds) beats a ctypes round trip.
 _SMALL = 64 << 10
@@ -48,12 +53,36 @@ def bytes_of(view: memoryview) -> bytes:
 
 
 def copy_into(dst: memoryview, src: Any) -> None:
-    """``dst[:len(src)] = src`` without the GIL (both C-contiguous, ``dst`` writable)."""
-    n = memoryview(src).nbytes
+    """``dst[:len(src)] = src`` without the GIL (both C-contiguous, ``dst`` writable);
+    copies under 64 KiB take the GIL for the microseconds they last."""
+    source = memoryview(src)
+    n = source.nbytes
     if dst.readonly or n > dst.nbytes:
         raise ValueError(
             f"dst: needs {n} writable bytes, has {dst.nbytes}"
             + (" (read-only)" if dst.readonly else "")
         )
-    if n:
+    if n >= _SMALL:
         ctypes.memmove(address_of(dst), address_of(src), n)
+    elif n:
+        dst.cast("B")[:n] = source.cast("B")
+
+
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_madvise: Any = None
+if _MADV_HUGEPAGE is not None and sys.platform.startswith("linux"):
+    try:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _madvise = None
+
+
+def advise_huge(buf: Any) -> bool:
+    """Ask for transparent huge pages over ``buf`` (page-aligned, e.g. an anonymous
+    ``mmap``), without the GIL; ``False`` where that is not possible."""
+    if _madvise is None:
+        return False
+    n = memoryview(buf).nbytes
+    return bool(n) and _madvise(address_of(buf), n, _MADV_HUGEPAGE) == 0

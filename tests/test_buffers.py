@@ -65,11 +65,44 @@ def test_large_copy_leaves_other_threads_running() -> None:
     assert during > 5, (during, took)
 
 
-def test_copy_into() -> None:
-    src = os.urandom(3 << 20)
-    dst = bytearray(4 << 20)
+@pytest.mark.parametrize("size", [0, 1, 4096, (64 << 10) - 1, 64 << 10, 3 << 20])
+def test_copy_into(size: int) -> None:
+    src = os.urandom(size)
+    dst = bytearray(size + 4096)
     _bytes.copy_into(memoryview(dst), src)
-    assert bytes(dst[: len(src)]) == src and not any(dst[len(src) :])
+    assert bytes(dst[:size]) == src and not any(dst[size:])
+
+
+def test_copy_into_takes_any_format_and_checks_bounds() -> None:
+    src = np.arange(1000, dtype=np.int32)  # 4000 bytes, format "i"
+    dst = np.zeros(1000, dtype=np.float64)  # 8000 bytes, format "d"
+    _bytes.copy_into(dst.data, src.data)
+    assert dst.view(np.uint8)[:4000].tobytes() == src.tobytes()
+    with pytest.raises(ValueError, match="dst: needs 5 writable bytes, has 4"):
+        _bytes.copy_into(memoryview(bytearray(4)), b"12345")
+    with pytest.raises(ValueError, match="read-only"):
+        _bytes.copy_into(memoryview(b"abcd"), b"ab")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's here")
+def test_advise_huge_on_a_mapping() -> None:
+    import mmap
+
+    mm = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        assert _bytes.advise_huge(mm) is (hasattr(mmap, "MADV_HUGEPAGE"))
+        mm[:4] = b"abcd"  # still an ordinary mapping
+        assert mm[:4] == b"abcd"
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            # What the kernel was told shows in the mapping's flags ("hg").
+            start = _bytes.address_of(mm)
+            with open("/proc/self/smaps") as f:
+                text = f.read()
+            head = f"{start:x}-"
+            section = text[text.index(head) :].split("VmFlags:", 1)[1].splitlines()[0]
+            assert "hg" in section.split()
+    finally:
+        mm.close()
 
 
 @pytest.fixture
@@ -146,6 +179,43 @@ def test_worker_threads_run_nicer_than_their_creator() -> None:
         theirs = pool.submit(nice).result()
     assert theirs == min(19, mine + _threads.BACKGROUND_NICE)
     assert nice() == mine  # the caller's own priority is untouched
+
+
+def _slice_ns() -> int | None:
+    """The calling thread's time slice as the kernel reports it (None where it does not)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as f:
+            for line in f:
+                if line.startswith("se.slice"):
+                    return int(line.split(":")[1].strip())
+    except OSError:
+        pass
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread slices are Linux's")
+def test_worker_threads_ask_for_a_long_slice_and_keep_their_policy() -> None:
+    from flexkv_store import _threads
+
+    mine = _slice_ns()
+    if mine is None or _threads._SCHED_SETATTR is None:
+        pytest.skip("this kernel does not report time slices (before Linux 6.12)")
+
+    def probe() -> tuple[int | None, int, int | None]:
+        tid = threading.get_native_id()
+        # A thread the worker starts (an OpenMP team) inherits the slice.
+        child: list[int | None] = []
+        t = threading.Thread(target=lambda: child.append(_slice_ns()))
+        t.start()
+        t.join()
+        return _slice_ns(), os.sched_getscheduler(tid), child[0]
+
+    with _threads.worker_pool(1, "flexkv-test") as pool:
+        theirs, policy, childs = pool.submit(probe).result()
+    assert theirs == _threads.BACKGROUND_SLICE_NS
+    assert childs == _threads.BACKGROUND_SLICE_NS
+    assert policy == os.sched_getscheduler(0)
+    assert _slice_ns() == mine  # the caller's own slice is untouched
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -668,6 +668,40 @@ def test_c_routine_thread_split_is_exact(threads: int) -> None:
                 assert not as_bytes(got).any()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shift", [0, 5, 64 - 3])
+def test_c_routine_streaming_copies_are_exact_at_any_alignment(threads: int, shift: int) -> None:
+    # Copies of 4 MiB or more use streaming stores for 64-byte lines, with plain copies for
+    # the unaligned head and tail of each piece: the bytes must be the same, and nothing
+    # outside the chunk or the chosen blocks may be written.
+    module = needs_c_routine()
+    caches, ids, bb = _odd_caches()  # 8 planes x 200 blocks x 3000 bytes: 4.8 MB
+    total = len(caches) * len(ids) * bb
+    assert total >= 4 << 20
+    backing = torch.full((total + 128,), 0xA5, dtype=torch.uint8)
+    start = (-backing.data_ptr()) % 64 + shift  # the chunk starts `shift` past a line
+    ffi, lib = module.ffi, module.lib
+    addresses = ffi.new("uint64_t[]", [t.data_ptr() for t in caches])
+    index = torch.tensor(ids, dtype=torch.int64)
+    id_ptr = ffi.cast("const int64_t *", index.data_ptr())
+    chunk_at = backing.data_ptr() + start
+    lib.fkv_block_copy(addresses, len(caches), id_ptr, len(ids), bb, bb, chunk_at, 0, threads)
+    expected = reference_gather(caches, ids, "mla", 3).reshape(-1).view(torch.uint8)
+    assert torch.equal(backing[start : start + total], expected)
+    assert bool((backing[:start] == 0xA5).all()) and bool((backing[start + total :] == 0xA5).all())
+    fresh = zeros_like_caches(caches)
+    fresh_addresses = ffi.new("uint64_t[]", [t.data_ptr() for t in fresh])
+    lib.fkv_block_copy(fresh_addresses, len(fresh), id_ptr, len(ids), bb, bb, chunk_at, 1, threads)
+    chosen = set(ids)
+    for layer in range(8):
+        for b in range(300):
+            got = block(fresh, "mla", 3, layer, 0, b)
+            if b in chosen:
+                assert_same_bits(got, block(caches, "mla", 3, layer, 0, b))
+            else:
+                assert not as_bytes(got).any()
+
+
 def test_c_routine_matches_torch_path_on_large_copies(monkeypatch: pytest.MonkeyPatch) -> None:
     needs_c_routine()
     gen = torch.Generator().manual_seed(22)

@@ -73,7 +73,7 @@ from typing import Any, ClassVar, TypeVar
 import xxhash
 
 from flexkv_store._aio import settle
-from flexkv_store._bytes import bytes_of
+from flexkv_store._bytes import bytes_of, copy_into
 from flexkv_store._threads import worker_pool
 from flexkv_store.backends import _uring
 from flexkv_store.backends._io import (
@@ -452,9 +452,9 @@ class FsAdapter(L2Adapter):
         job.scratch.append(s)
         view = s.view(size)
         k = len(fill)
-        view[:k] = fill
+        copy_into(view, fill)  # without the GIL when large (an unaligned payload)
         if k < size:
-            view[k:] = bytes(size - k)
+            view[k:] = bytes(size - k)  # under a page: the partial last block
         return view
 
     def _finish_put(self, op: IoOp) -> None:
@@ -709,7 +709,8 @@ class FsAdapter(L2Adapter):
             job.result = payload if isinstance(payload, bytes) else bytes_of(payload)
         else:
             if job.bounced:
-                job.out[: job.size] = payload  # only now: a corrupt object leaves out as it was
+                # Only now: a corrupt object leaves out as it was. Without the GIL.
+                copy_into(job.out, payload)
             job.result = job.size
 
     def _holds_key_at(self, path: str, key: ObjectKey, *, missing: bool = False) -> bool:

@@ -337,11 +337,8 @@ class _Scratch:
     def __init__(self, size: int) -> None:
         self.size = size
         self.mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if size >= 4 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self.mm.madvise(mmap.MADV_HUGEPAGE)  # 512 times fewer page faults
-            except OSError:
-                pass
+        if size >= 4 << 20:
+            _bytes.advise_huge(self.mm)  # 512 times fewer page faults; without the GIL
 
     def view(self, n: int) -> memoryview:
         return memoryview(self.mm)[:n]
