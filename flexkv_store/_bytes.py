@@ -20,13 +20,14 @@ trace showed the loop and every worker waiting 4 ms on the GIL behind one such c
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from typing import Any
 
 import numpy as np
 
-__all__ = ["address_of", "advise_huge", "bytes_of", "copy_into"]
+__all__ = ["address_of", "advise_huge", "bytes_of", "copy_into", "map_anonymous"]
 
 #: Below this, ``bytes(view)`` (GIL held for microseconds) beats a ctypes round trip.
 _SMALL = 64 << 10
@@ -86,3 +87,79 @@ def advise_huge(buf: Any) -> bool:
         return False
     n = memoryview(buf).nbytes
     return bool(n) and _madvise(address_of(buf), n, _MADV_HUGEPAGE) == 0
+
+
+# Anonymous mappings made and unmade without the GIL. ``mmap.mmap()`` holds the GIL in
+# mmap(2), which waits for the memory-map lock while other threads fault pages in or pin
+# them for O_DIRECT (a trace showed fs workers holding the GIL 10-20 ms that way, with the
+# event loop waiting on it). libc's mmap/munmap through ctypes release it.
+_libc_mmap: Any = None
+_libc_munmap: Any = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc_mmap, _libc_munmap = _libc.mmap, _libc.munmap
+        _libc_mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        _libc_mmap.restype = ctypes.c_void_p
+        _libc_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc_munmap.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _libc_mmap = _libc_munmap = None
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _unmap(
+    self: Any,
+    _munmap: Any = _libc_munmap,
+    _addressof: Any = ctypes.addressof,
+    _sizeof: Any = ctypes.sizeof,
+) -> None:
+    # Bound at definition: this may run while the interpreter shuts down.
+    _munmap(_addressof(self), _sizeof(self))
+
+
+@functools.lru_cache(maxsize=256)
+def _mapping_type(size: int) -> Any:
+    # A byte array over a mapping it owns: unmapped when the array goes, which is when the
+    # last memoryview of it goes (each keeps the array alive).
+    return type("_Mapping", (ctypes.c_ubyte * size,), {"__del__": _unmap})
+
+
+def map_anonymous(size: int, *, huge: bool = False) -> memoryview:
+    """A writable, page-aligned private anonymous mapping of ``size`` bytes (format ``B``),
+    made without the GIL where libc allows and unmapped once its last view is gone;
+    ``huge`` asks for transparent huge pages.
+
+    (Faulting the pages in at once, ``MADV_POPULATE_WRITE``, measured worse: it holds the
+    memory-map lock for the whole mapping, which made other threads' GIL-holding
+    allocations wait longer.)
+    """
+    if size <= 0:
+        raise ValueError(f"size: must be positive, got {size}")
+    if _libc_mmap is None:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge:
+            advise_huge(mm)
+        return memoryview(mm)
+    addr = _libc_mmap(
+        None,
+        size,
+        mmap.PROT_READ | mmap.PROT_WRITE,
+        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {size} bytes failed")
+    view = memoryview(_mapping_type(size).from_address(addr)).cast("B")
+    if huge and _madvise is not None:
+        _madvise(addr, size, _MADV_HUGEPAGE)
+    return view

@@ -105,6 +105,31 @@ def test_advise_huge_on_a_mapping() -> None:
         mm.close()
 
 
+def _mapped(address: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_anonymous_mapping_lives_as_long_as_its_views() -> None:
+    view = _bytes.map_anonymous(3 << 20, huge=True)
+    assert view.format == "B" and view.nbytes == 3 << 20 and not view.readonly
+    address = _bytes.address_of(view)
+    assert address % 4096 == 0 and not any(view[:4096])  # fresh anonymous memory is zero
+    view[:5] = b"hello"
+    part = view[1:3]
+    del view
+    assert bytes(part) == b"el" and _mapped(address)  # a slice keeps the mapping
+    del part
+    assert not _mapped(address)  # unmapped with its last view
+    with pytest.raises(ValueError, match="size: must be positive"):
+        _bytes.map_anonymous(0)
+
+
 @pytest.fixture
 def small_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_io, "_cache", FreeLists(64 << 20))
