@@ -148,6 +148,7 @@ def map_anonymous(size: int, *, huge: bool = False) -> memoryview:
         if huge:
             advise_huge(mm)
         return memoryview(mm)
+    array_type = _mapping_type(size)  # first: nothing to unmap if it fails
     addr = _libc_mmap(
         None,
         size,
@@ -159,7 +160,7 @@ def map_anonymous(size: int, *, huge: bool = False) -> memoryview:
     if addr is None or addr == _MAP_FAILED:
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of {size} bytes failed")
-    view = memoryview(_mapping_type(size).from_address(addr)).cast("B")
+    view = memoryview(array_type.from_address(addr)).cast("B")
     if huge and _madvise is not None:
         _madvise(addr, size, _MADV_HUGEPAGE)
     return view

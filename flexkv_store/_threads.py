@@ -10,10 +10,11 @@ threads and still every cycle the engine leaves idle.
 A lower weight alone does not hand a waking loop thread a core at once: the kernel's EEVDF
 scheduler lets the running task finish a protected slice first, and checks again only at
 the next tick (4 ms at HZ=250). Since Linux 6.12 a waking task with a shorter slice than the
-running one preempts it at once, so workers also ask for a long slice, ``BACKGROUND_SLICE_NS``
-(``sched_setattr``'s ``sched_runtime``; the default is 0.75-3 ms by core count). Older kernels
-ignore it. Measured with ``bench/store_blocks.py`` on 2 cores (memory backend): the loop's
-median stall during ``put_blocks``/``get_blocks`` went from 2.5-3.7 ms to 1.1 ms.
+running one preempts it at once, so workers also ask for a longer slice,
+``BACKGROUND_SLICE_NS`` (``sched_setattr``'s ``sched_runtime``; the default is about 0.7-3 ms
+by core count). Older kernels ignore it. Measured with ``bench/store_blocks.py`` on 2 cores
+(memory backend): the loop's median stall during ``put_blocks``/``get_blocks`` went from
+2.5-3.7 ms to 1.1-1.9 ms over several runs (1.24 ms in a full run with 4 ms slices).
 
 Each worker lowers its own priority when it starts, relative to the thread that started it;
 threads a worker starts, such as the copy routine's OpenMP team, inherit both settings.
@@ -46,10 +47,19 @@ _T = TypeVar("_T")
 BACKGROUND_NICE = 10
 
 
-#: The time slice worker threads ask for (Linux 6.12+ clamps it to 0.1-100 ms).
-BACKGROUND_SLICE_NS = 10_000_000
+#: The time slice worker threads ask for (Linux 6.12+ clamps it to 0.1-100 ms): longer than
+#: any default (at most 3 ms, on 8 or more cores), so a waking engine thread preempts a
+#: worker at once, and short enough that a runnable engine thread that is not waking up
+#: waits little more than it did for a default slice.
+BACKGROUND_SLICE_NS = 4_000_000
 
-_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
+# sched_setattr(2) by number, for 64-bit userlands only: platform.machine() names the
+# kernel's architecture, and a 32-bit userland on it numbers its syscalls differently.
+_SCHED_SETATTR = (
+    {"x86_64": 314, "aarch64": 274}.get(platform.machine())
+    if ctypes.sizeof(ctypes.c_void_p) == 8
+    else None
+)
 _SCHED_FLAG_KEEP_POLICY = 0x08
 
 
@@ -67,14 +77,24 @@ class _SchedAttr(ctypes.Structure):
     ]
 
 
+def _syscall() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_uint]
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_sys_call: Any = _syscall() if _SCHED_SETATTR is not None else None
+
+
 def _ask_slice(tid: int, nice: int, slice_ns: int) -> bool:
     """Ask for a ``slice_ns`` time slice for thread ``tid`` (its policy kept, its nice value
-    ``nice``); ``False`` where the call is missing or refused."""
-    if _SCHED_SETATTR is None:
-        return False
-    try:
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
+    ``nice``); ``False`` where the call is missing or refused (an RT thread, a kernel
+    before 5.3)."""
+    if _sys_call is None:
         return False
     attr = _SchedAttr(
         size=ctypes.sizeof(_SchedAttr),
@@ -82,7 +102,10 @@ def _ask_slice(tid: int, nice: int, slice_ns: int) -> bool:
         sched_nice=nice,
         sched_runtime=slice_ns,
     )
-    return int(syscall(_SCHED_SETATTR, tid, ctypes.byref(attr), 0)) == 0
+    try:
+        return int(_sys_call(_SCHED_SETATTR, tid, ctypes.byref(attr), 0)) == 0
+    except Exception:  # never break the pool whose initializer this runs in
+        return False
 
 
 def lower_priority(steps: int | None = None) -> None:
