@@ -133,6 +133,17 @@ def test_anonymous_mapping_lives_as_long_as_its_views() -> None:
         _bytes.map_anonymous(0)
 
 
+def test_anonymous_mapping_without_libc_falls_back_to_mmap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_bytes, "_libc_mmap", None)
+    view = _bytes.map_anonymous(1 << 20, huge=True)
+    assert view.nbytes == 1 << 20 and not view.readonly
+    assert _bytes.address_of(view) % 4096 == 0
+    view[-3:] = b"end"
+    assert bytes(view[-3:]) == b"end"
+
+
 @pytest.fixture
 def small_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_io, "_cache", FreeLists(64 << 20))
