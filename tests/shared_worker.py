@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import sys
 
 from flexkv_store.errors import QuotaExceededError, StorageError
@@ -19,7 +20,16 @@ from flexkv_store.keyformat import ObjectKey
 from flexkv_store.store import open_store
 
 
+def _dump_tasks() -> None:
+    # SIGUSR1 (sent by a test that waited too long): where every task is waiting.
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def main() -> None:
+    if hasattr(signal, "SIGUSR1"):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     config = json.loads(sys.argv[1])
     rng = random.Random(int(sys.argv[2]))
     ops = int(sys.argv[3])

@@ -249,3 +249,48 @@ def test_accounting_state_machine(
     run_state_machine_as_test(
         machine, settings=settings(max_examples=25, stateful_step_count=30, deadline=None)
     )
+
+
+def test_sqlite_open_waits_for_another_process_creating_the_database(tmp_path: Path) -> None:
+    # Several engine processes create one accounting database together; switching it to
+    # WAL needs an exclusive lock, which SQLite refuses at once (no busy handler) while
+    # another connection holds one. The open waits, it does not fail.
+    import sqlite3
+    import threading
+
+    from flexkv_store.quota import _sqlite
+
+    path = tmp_path / "flexkv-accounting.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    opener = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        opener.execute("PRAGMA journal_mode=WAL")  # what the open used to meet
+    release = threading.Timer(0.3, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        _sqlite._switch_to_wal(opener)
+    finally:
+        release.join()
+    assert opener.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    opener.close()
+    holder.close()
+
+
+def test_sqlite_open_gives_up_after_its_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from flexkv_store.quota import _sqlite
+
+    monkeypatch.setattr(_sqlite, "_OPEN_WAIT_S", 0.05)
+    path = tmp_path / "flexkv-accounting.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    opener = sqlite3.connect(path, timeout=0, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _sqlite._switch_to_wal(opener)
+    holder.execute("COMMIT")
+    opener.close()
+    holder.close()

@@ -98,6 +98,23 @@ def _config(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+#: A worker takes a few seconds; one that takes this long is stuck.
+WORKER_TIMEOUT_S = 180
+
+
+def _finish(w: subprocess.Popen[str]) -> tuple[str, str]:
+    """A worker's output; if it is stuck, fail with where its tasks wait (it dumps them
+    on SIGUSR1) instead of waiting on."""
+    try:
+        return w.communicate(timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        w.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        w.kill()
+        _, err = w.communicate()
+        pytest.fail(f"a worker was stuck after {WORKER_TIMEOUT_S} s; its tasks:\n{err[-6000:]}")
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
 def test_four_processes_share_one_hard_quota(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -133,7 +150,7 @@ def test_four_processes_share_one_hard_quota(
     workers = [_worker(config, seed, 500) for seed in range(4)]
     results = []
     for w in workers:
-        out, err = w.communicate(timeout=600)
+        out, err = _finish(w)
         assert w.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     stop.touch()

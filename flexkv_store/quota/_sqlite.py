@@ -80,6 +80,32 @@ def _refuses(size: int, limit: int | None) -> bool:
     return limit is not None and (size > limit or limit == 0)
 
 
+#: How long processes opening one new database together may wait for each other.
+_OPEN_WAIT_S = 60.0
+
+
+def _switch_to_wal(db: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out other processes that open the same new
+    database at the same moment.
+
+    Switching the journal mode needs an exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy handler, when another connection holds a lock it
+    would otherwise deadlock with. That happens when several processes create the file
+    together, so the switch is retried for up to ``_OPEN_WAIT_S``.
+    """
+    deadline = time.monotonic() + _OPEN_WAIT_S
+    delay = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 class SqliteAccounting(Accounting):
     """Accounting in one SQLite database (WAL), shared by the processes of one node."""
 
@@ -122,7 +148,7 @@ class SqliteAccounting(Accounting):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
             cols = {r[1] for r in db.execute("PRAGMA table_info(salts)")}
