@@ -294,3 +294,36 @@ def test_sqlite_open_gives_up_after_its_wait(
     holder.execute("COMMIT")
     opener.close()
     holder.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_close_ends_even_if_a_flush_swallows_its_cancellation(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # A client library may swallow the CancelledError that close() sends the touch loop
+    # while it is inside a command (seen in CI: a worker's close() then waited forever).
+    if kind == "sqlite":
+        acct: Any = SqliteAccounting(tmp_path / "acct.sqlite", touch_interval=0.01)
+    else:
+        from servers import unique_prefix
+
+        from flexkv_store.backends.config import RedisConfig
+        from flexkv_store.quota._redis_acct import RedisAccounting
+
+        cfg = RedisConfig.from_url(request.getfixturevalue("redis_server").url)
+        cfg = cfg.model_copy(update={"key_prefix": unique_prefix()})
+        acct = RedisAccounting(cfg, touch_interval=0.01)
+    await acct.open()
+    inside = asyncio.Event()
+
+    async def stubborn() -> None:
+        inside.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            pass  # what the misbehaving library does
+
+    acct.flush = stubborn
+    await asyncio.wait_for(inside.wait(), 5)
+    await asyncio.wait_for(acct.close(), 5)
+    assert acct._touch_task.done()

@@ -764,7 +764,10 @@ class RedisAccounting(Accounting):
 
     async def _touch_loop(self) -> None:
         last_listed = time.monotonic()
-        while True:
+        # Not `while True`: redis-py can swallow the CancelledError of close() when it
+        # arrives during a command (seen: a worker's close() waited forever on this loop),
+        # so the loop also ends on the flag close() sets first.
+        while not self._closed:
             await asyncio.sleep(self._touch_interval)
             try:
                 await self.flush()

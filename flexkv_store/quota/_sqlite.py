@@ -677,7 +677,9 @@ class SqliteAccounting(Accounting):
             self._touched[key] = None
 
     async def _touch_loop(self) -> None:
-        while True:
+        # Ends on close()'s flag too, not only on its cancellation (which a library
+        # call in flush() might swallow).
+        while not self._closed:
             await asyncio.sleep(self._touch_interval)
             try:
                 await self.flush()
