@@ -639,6 +639,19 @@ def _odd_caches() -> tuple[list[Any], list[int], int]:
     return caches, ids, 3000
 
 
+def _assert_scattered_only_to(fresh: list[torch.Tensor], caches: Any, ids: list[int]) -> None:
+    """``fresh`` (zeroed copies of :func:`_odd_caches`) holds the chosen blocks of
+    ``caches`` and nothing else."""
+    chosen = set(ids)
+    for layer in range(8):
+        for b in range(300):
+            got = block(fresh, "mla", 3, layer, 0, b)
+            if b in chosen:
+                assert_same_bits(got, block(caches, "mla", 3, layer, 0, b))
+            else:
+                assert not as_bytes(got).any()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
 def test_c_routine_thread_split_is_exact(threads: int) -> None:
     module = needs_c_routine()
@@ -659,13 +672,7 @@ def test_c_routine_thread_split_is_exact(threads: int) -> None:
     lib.fkv_block_copy(
         fresh_addresses, len(fresh), id_ptr, len(ids), bb, bb, out.data_ptr(), 1, threads
     )
-    for layer in range(8):
-        for b in range(300):
-            got = block(fresh, "mla", 3, layer, 0, b)
-            if b in ids:
-                assert_same_bits(got, block(caches, "mla", 3, layer, 0, b))
-            else:
-                assert not as_bytes(got).any()
+    _assert_scattered_only_to(fresh, caches, ids)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -692,14 +699,7 @@ def test_c_routine_streaming_copies_are_exact_at_any_alignment(threads: int, shi
     fresh = zeros_like_caches(caches)
     fresh_addresses = ffi.new("uint64_t[]", [t.data_ptr() for t in fresh])
     lib.fkv_block_copy(fresh_addresses, len(fresh), id_ptr, len(ids), bb, bb, chunk_at, 1, threads)
-    chosen = set(ids)
-    for layer in range(8):
-        for b in range(300):
-            got = block(fresh, "mla", 3, layer, 0, b)
-            if b in chosen:
-                assert_same_bits(got, block(caches, "mla", 3, layer, 0, b))
-            else:
-                assert not as_bytes(got).any()
+    _assert_scattered_only_to(fresh, caches, ids)
 
 
 def test_c_routine_matches_torch_path_on_large_copies(monkeypatch: pytest.MonkeyPatch) -> None:
