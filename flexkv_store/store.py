@@ -1158,10 +1158,12 @@ class Store:
 
         The gathers run in a worker thread, never on the event loop, and the gather of one
         chunk overlaps the writes of the chunks before it (a few chunks in flight, bounded
-        by the buffer pool). A store whose only backend lends memory
-        (:meth:`L2Adapter.lend`, the memory adapter) gathers host caches straight into it.
-        Raises what :meth:`put_many` raises for a chunk stored nowhere (the first such
-        chunk's error), after every chunk has finished.
+        by the buffer pool). Each write takes every chunk gathered by then as one
+        :meth:`put_each` batch, each chunk admitted on its own. A store whose only backend
+        lends memory (:meth:`L2Adapter.lend`, the memory adapter) gathers host caches
+        straight into it. Raises the error of the first chunk stored nowhere
+        (:class:`QuotaExceededError` or :class:`StorageError`, as :meth:`put_many`), after
+        every chunk has finished.
         """
         from flexkv_store.transfer._pipeline import BlockCopier
 
@@ -1170,7 +1172,6 @@ class Store:
             copier = BlockCopier(
                 self._blocks_pool(), kv_caches, block_ids, layout, len(ks), block_size=block_size
             )
-            slots = asyncio.Semaphore(copier.depth)
             # A lone backend that keeps payloads in its own memory lends it: the blocks
             # are gathered straight into the stored object, one copy instead of two.
             lender = (
@@ -1179,29 +1180,104 @@ class Store:
                 else None
             )
 
-            async def one(i: int) -> None:
-                async with slots:
-                    lent = lender.lend(copier.chunk_nbytes) if lender is not None else None
-                    if lent is not None:
-                        assert lender is not None
-                        try:
-                            await copier.gather_into(i, copier.wrap(lent))
-                            await self.put_many([(ks[i], lent)])
-                        finally:
-                            lender.unlend(lent)
-                        return
-                    buf = await copier.gather(i)
-                    try:
-                        await self.put_many([(ks[i], buf)])
-                    finally:
-                        copier.release(buf)
+            first = lender.lend(copier.chunk_nbytes) if lender is not None else None
+            if lender is None or first is None:
+                errors = await self._put_gathered(ks, copier)
+            else:
+                errors = await self._put_lent(ks, copier, lender, first)
+            for err in errors:
+                if err is not None:
+                    raise err
 
+    async def _put_lent(
+        self, keys: list[ObjectKey], copier: Any, lender: L2Adapter, first: memoryview
+    ) -> list[BaseException | None]:
+        """Gather each chunk straight into memory that ``lender`` lends (``first`` for
+        chunk 0) and put it there, ``copier.depth`` chunks at a time; one error (or
+        ``None``) per key. A chunk it does not lend takes the pooled path."""
+        slots = asyncio.Semaphore(copier.depth)
+
+        async def one(i: int) -> None:
+            async with slots:
+                lent = first if i == 0 else lender.lend(copier.chunk_nbytes)
+                if lent is None:
+                    (err,) = await self._put_gathered([keys[i]], copier, start=i)
+                    if err is not None:
+                        raise err
+                    return
+                try:
+                    await copier.gather_into(i, copier.wrap(lent))
+                    await self.put_many([(keys[i], lent)])
+                finally:
+                    lender.unlend(lent)
+
+        try:
             results = await asyncio.gather(
-                *(one(i) for i in range(len(ks))), return_exceptions=True
+                *(one(i) for i in range(len(keys))), return_exceptions=True
             )
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+        finally:
+            lender.unlend(first)  # if chunk 0 never ran (a no-op once adopted or back)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def _put_gathered(
+        self, keys: list[ObjectKey], copier: Any, *, start: int = 0
+    ) -> list[BaseException | None]:
+        """Gather chunks ``start``, ``start + 1``, ... (``keys``) into pooled buffers and
+        store them; one error (or ``None``) per key.
+
+        Gathers run up to ``copier.write_depth`` buffers ahead. Whenever the previous write
+        is done, every chunk gathered by then goes out as one :meth:`put_each` batch: the
+        writes of one salt hold its write lock one after another, so only a batch keeps
+        several chunks' I/O in flight (one chunk per call measured 0.6-0.66x of the fs
+        adapter's ``put_many`` of the same buffers).
+        """
+        errors: list[BaseException | None] = [None] * len(keys)
+        gathers: list[tuple[int, asyncio.Future[Any]]] = []
+        batch: list[tuple[int, Any]] = []
+        started = 0
+
+        def top_up() -> None:
+            nonlocal started
+            while started < len(keys) and len(gathers) + len(batch) < copier.write_depth:
+                gathers.append((started, asyncio.ensure_future(copier.gather(start + started))))
+                started += 1
+
+        try:
+            while True:
+                top_up()
+                if not gathers:
+                    return errors
+                await asyncio.wait([f for _, f in gathers], return_when=asyncio.FIRST_COMPLETED)
+                for entry in [g for g in gathers if g[1].done()]:
+                    gathers.remove(entry)
+                    i, fut = entry
+                    exc = fut.exception()
+                    if exc is None:
+                        batch.append((i, fut.result()))
+                    elif isinstance(exc, Exception):  # the copy failed: this chunk only
+                        errors[i] = exc
+                    else:
+                        raise exc
+                if not batch:
+                    continue
+                batch.sort(key=lambda b: b[0])  # the chunks' order is their LRU order
+                top_up()  # gathered during this write
+                outcomes = await self.put_each([(keys[i], buf) for i, buf in batch])
+                for (i, _), outcome in zip(batch, outcomes, strict=True):
+                    errors[i] = outcome
+                for _, buf in batch:
+                    copier.release(buf)
+                batch.clear()
+        finally:
+            # Cancelled or failed: the buffers of the batch and of the gathers that
+            # finished anyway go back (a gather settles before it reports its cancellation).
+            for _, buf in batch:
+                copier.release(buf)
+            for _, fut in gathers:
+                fut.cancel()
+            for left in await asyncio.gather(*(f for _, f in gathers), return_exceptions=True):
+                if not isinstance(left, BaseException):
+                    copier.release(left)
 
     async def get_blocks(
         self,

@@ -13,6 +13,7 @@ import torch
 from test_transfer import block, make_caches, zeros_like_caches
 
 from flexkv_store.backends._memory import MemoryAdapter
+from flexkv_store.errors import StorageError
 from flexkv_store.keyformat import ObjectKey
 from flexkv_store.store import Store
 from flexkv_store.transfer import LAYOUTS, _pipeline
@@ -109,6 +110,87 @@ async def test_copies_run_off_the_loop_and_overlap_the_writes(
     assert {w for w, _ in seen} == {"gather", "scatter"}
     assert all(t != loop_thread for _, t in seen), "a copy ran on the event loop's thread"
     assert _same_blocks(src, dst, "vllm", list(range(16)))
+
+
+class _Batches(MemoryAdapter):
+    """A memory backend that records the size of each write it gets, holds the first one
+    back until ``gate`` is set, and fails the keys in ``failing``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.batches: list[int] = []
+        self.failing: set[ObjectKey] = set()
+
+    async def put(self, key: ObjectKey, data: Any) -> None:
+        (err,) = await self.put_each([(key, data)])
+        if err is not None:
+            raise err
+
+    async def put_each(self, items: Any) -> list[Exception | None]:
+        items = list(items)
+        self.batches.append(len(items))
+        await self.gate.wait()
+        outcomes: list[Exception | None] = []
+        for key, data in items:
+            if key in self.failing:
+                outcomes.append(StorageError("refused by the test"))
+            else:
+                await MemoryAdapter.put(self, key, data)
+                outcomes.append(None)
+        return outcomes
+
+
+async def test_chunks_gathered_during_a_write_go_out_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One salt's writes take its lock one after another: chunks written one per call would
+    # leave a single chunk's I/O in flight. Those gathered meanwhile make the next batch.
+    gathered = 0
+    real_gather = getattr(_pipeline, "gather_blocks")  # noqa: B009
+
+    def gather(*args: Any, **kw: Any) -> Any:
+        nonlocal gathered
+        gathered += 1
+        return real_gather(*args, **kw)
+
+    monkeypatch.setattr(_pipeline, "gather_blocks", gather)
+    gen = torch.Generator().manual_seed(11)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(12).sample(range(NB), 16)
+    backend = _Batches()
+    async with Store([backend]) as store:
+        task = asyncio.create_task(store.put_blocks(_keys(8), src, ids, "vllm"))
+        try:
+            for _ in range(500):
+                if gathered == 8:
+                    break
+                await asyncio.sleep(0.01)
+            assert gathered == 8 and len(backend.batches) == 1, "gathers waited for the write"
+        finally:
+            backend.gate.set()
+        await task
+        assert len(backend.batches) == 2 and sum(backend.batches) == 8, backend.batches
+        dst = zeros_like_caches(src)
+        assert await store.get_blocks(_keys(8), dst, ids, "vllm") == 8
+        assert store._block_pool.in_use_bytes == 0
+    assert _same_blocks(src, dst, "vllm", ids)
+
+
+async def test_a_chunk_refused_in_a_batch_fails_alone() -> None:
+    gen = torch.Generator().manual_seed(13)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(14).sample(range(NB), 12)
+    keys = _keys(6)
+    backend = _Batches()
+    backend.gate.set()
+    backend.failing = {keys[4]}
+    async with Store([backend]) as store:
+        with pytest.raises(StorageError, match=keys[4].to_wire()):
+            await store.put_blocks(keys, src, ids, "vllm")
+        assert await store.lookup_prefix(keys) == 4
+        assert await store.exists_many(keys) == [True] * 4 + [False, True]
+        assert store._block_pool.in_use_bytes == 0
 
 
 async def test_a_load_stops_at_the_first_mismatch_and_writes_nothing_after_it() -> None:
