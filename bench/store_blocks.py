@@ -8,8 +8,13 @@ cache of 512 blocks.
   same 512 MiB (target >= 0.8x);
 - fs backend (O_DIRECT, io_uring): beside the same run's fs ``put_many`` / ``get_into`` of
   16 ready 32 MiB buffers, i.e. the I/O alone (target >= 0.9x);
-- a probe task wakes every 0.5 ms during each ``put_blocks`` / ``get_blocks`` and records
-  how late it woke: the longest event-loop stall (target < 2 ms).
+- a probe task sleeps 1 ms at a time during each ``put_blocks`` / ``get_blocks`` and
+  records how late it woke: the longest event-loop stall (target < 2 ms). (epoll counts in
+  whole milliseconds, so a shorter sleep waits 1 ms anyway and would count the rest as
+  stall.) Beside it, in the same turn, the same probe on the idle loop for as long (what
+  this machine gives a loop that does nothing), on fs during the ready-buffer I/O, and in
+  another process (a plain Python loop of 1 ms sleeps, sharing no GIL with the store) during
+  the same ``put_blocks`` / ``get_blocks``: what the machine itself gives any thread then.
 
 Each figure is a median over ``--reps`` turns taken in alternation with its baseline, and
 each ratio the median of the per-turn ratios. Usage: python bench/store_blocks.py [--reps N]
@@ -20,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +52,7 @@ from flexkv_store.transfer._pool import _aligned
 
 LAYERS, BLOCKS, BS, HEADS, HEAD = 32, 512, 16, 8, 128
 CHUNKS, PER_CHUNK = 16, 16
-PROBE_S = 0.0005
+PROBE_S = 0.001
 
 
 class Probe:
@@ -72,13 +79,79 @@ class Probe:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
+# A thread of its own process: sleeps 1 ms at a time until its stdin has input, then
+# prints each wake-up's time (CLOCK_MONOTONIC, as perf_counter here) and lateness.
+_SLEEPER = """
+import json, select, sys, time
+woke = []
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:
+    t = time.perf_counter()
+    time.sleep(0.001)
+    now = time.perf_counter()
+    woke.append((now, now - t - 0.001))
+json.dump(woke, sys.stdout)
+"""
+
+
+class OtherProcess:
+    """The same 1 ms probe in another process, for the windows :meth:`window` records."""
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[str, float, float]] = []
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> OtherProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SLEEPER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()
+        return self
+
+    def window(self, label: str, start: float, end: float) -> None:
+        self.windows.append((label, start, end))
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._proc is not None
+        out, _ = self._proc.communicate("stop\n", timeout=60)
+        self.woke: list[tuple[float, float]] = json.loads(out)
+
+    def worst(self, label: str) -> list[float]:
+        """Per window of ``label``, the longest lateness of a wake-up inside it."""
+        return [
+            max((late for now, late in self.woke if start <= now <= end), default=0.0)
+            for lab, start, end in self.windows
+            if lab == label
+        ]
+
+
+#: Set by _run: the other-process probe, told each put_blocks / get_blocks window.
+_other: OtherProcess | None = None
+
+
+async def _timed(fn: Callable[[], Awaitable[Any]], label: str = "") -> tuple[float, float]:
     """Seconds of ``fn`` and the longest loop stall while it ran."""
     async with Probe() as probe:
         start = time.perf_counter()
         await fn()
-        elapsed = time.perf_counter() - start
-    return elapsed, probe.worst
+        end = time.perf_counter()
+    if label and _other is not None:
+        _other.window(label, start, end)
+    return end - start, probe.worst
+
+
+async def _idle(seconds: float) -> float:
+    """The longest stall of the idle loop over ``seconds``."""
+    return (await _timed(lambda: asyncio.sleep(seconds)))[1]
+
+
+#: A baseline turn: seconds of its put and get, and the longest stalls during them (None
+#: where the baseline runs on the loop itself).
+Turn = tuple[float, float, float | None, float | None]
 
 
 async def _case(
@@ -86,8 +159,9 @@ async def _case(
     caches: list[torch.Tensor],
     ids: list[int],
     salt: str,
-    baseline: Callable[[int], Awaitable[tuple[float, float]]],
+    baseline: Callable[[int], Awaitable[Turn]],
     reps: int,
+    name: str,
 ) -> dict[str, Any]:
     nbytes = CHUNKS * PER_CHUNK * 2 * LAYERS * BS * HEADS * HEAD * 2
     out = [torch.zeros_like(c) for c in caches]
@@ -96,11 +170,15 @@ async def _case(
     base_put: list[float] = []
     base_get: list[float] = []
     stalls: list[float] = []
+    idle: list[float] = []
+    base_stalls: list[float] = []
     for r in range(reps + 1):  # the first turn warms the pool and the caches up
         keys = [ObjectKey("bench/blocks", r, i.to_bytes(2, "big"), salt) for i in range(CHUNKS)]
-        tp, sp = await _timed(lambda k=keys: store.put_blocks(k, caches, ids, "vllm"))  # type: ignore[misc]
-        tg, sg = await _timed(lambda k=keys: store.get_blocks(k, out, ids, "vllm"))  # type: ignore[misc]
-        bp, bg = await baseline(r)
+        label = name if r else ""  # the warm-up turn is not recorded
+        tp, sp = await _timed(lambda k=keys: store.put_blocks(k, caches, ids, "vllm"), label)  # type: ignore[misc]
+        tg, sg = await _timed(lambda k=keys: store.get_blocks(k, out, ids, "vllm"), label)  # type: ignore[misc]
+        ip, ig = await _idle(tp), await _idle(tg)
+        bp, bg, bsp, bsg = await baseline(r)
         await store.delete_many(keys)
         if r:
             put_t.append(tp)
@@ -108,6 +186,8 @@ async def _case(
             base_put.append(bp)
             base_get.append(bg)
             stalls += [sp, sg]
+            idle += [ip, ig]
+            base_stalls += [x for x in (bsp, bsg) if x is not None]
     gb = nbytes / 1e9
     return {
         "bytes": nbytes,
@@ -123,6 +203,16 @@ async def _case(
         ),
         "longest_loop_stall_ms": round(max(stalls) * 1e3, 3),
         "median_loop_stall_ms": round(statistics.median(stalls) * 1e3, 3),
+        "idle_longest_loop_stall_ms": round(max(idle) * 1e3, 3),
+        "idle_median_loop_stall_ms": round(statistics.median(idle) * 1e3, 3),
+        **(
+            {
+                "baseline_longest_loop_stall_ms": round(max(base_stalls) * 1e3, 3),
+                "baseline_median_loop_stall_ms": round(statistics.median(base_stalls) * 1e3, 3),
+            }
+            if base_stalls
+            else {}
+        ),
     }
 
 
@@ -134,16 +224,16 @@ async def _run(reps: int, directory: Path) -> dict[str, Any]:
     src = torch.ones(CHUNKS * chunk, dtype=torch.uint8)
     dst = torch.zeros_like(src)
 
-    async def copy_baseline(_: int) -> tuple[float, float]:
-        # The same bytes as one contiguous copy_ (each way).
+    async def copy_baseline(_: int) -> Turn:
+        # The same bytes as one contiguous copy_ (each way), on the loop's thread.
         t = time.perf_counter()
         dst.copy_(src)
         one = time.perf_counter() - t
-        return one, one
+        return one, one, None, None
 
     result: dict[str, Any] = {}
     async with Store([MemoryAdapter()]) as store:
-        result["memory"] = await _case(store, caches, ids, "", copy_baseline, reps)
+        result["memory"] = await _case(store, caches, ids, "", copy_baseline, reps, "memory")
     result["memory"]["baseline"] = "torch copy_ of the same bytes, contiguous"
 
     fs_cfg = FsConfig(path=str(directory), io_engine="auto", direct_io=True, queue_depth=16)
@@ -152,20 +242,18 @@ async def _run(reps: int, directory: Path) -> dict[str, Any]:
     async with Store([FsAdapter(fs_cfg)]) as store:
         backend = store.backends[0]
 
-        async def io_baseline(r: int) -> tuple[float, float]:
+        async def io_baseline(r: int) -> Turn:
             keys = [ObjectKey("bench/ready", r, i.to_bytes(2, "big")) for i in range(CHUNKS)]
-            t = time.perf_counter()
-            await backend.put_many(list(zip(keys, ready, strict=True)))
-            tp = time.perf_counter() - t
-            t = time.perf_counter()
-            await asyncio.gather(
-                *(backend.get_into(k, b) for k, b in zip(keys, ready, strict=True))
+            tp, sp = await _timed(lambda: backend.put_many(list(zip(keys, ready, strict=True))))
+            tg, sg = await _timed(
+                lambda: asyncio.gather(
+                    *(backend.get_into(k, b) for k, b in zip(keys, ready, strict=True))
+                )
             )
-            tg = time.perf_counter() - t
             await backend.delete_many(keys)
-            return tp, tg
+            return tp, tg, sp, sg
 
-        result["fs"] = await _case(store, caches, ids, "", io_baseline, reps)
+        result["fs"] = await _case(store, caches, ids, "", io_baseline, reps, "fs")
         result["fs"]["engine"] = backend.info()["io_engine"]
     result["fs"]["baseline"] = "the fs adapter's put_many / get_into of 16 ready 32 MiB buffers"
     return result
@@ -180,7 +268,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="flexkv-blocks-bench-", dir=args.dir))
     try:
         reps = 3 if args.quick else args.reps
-        cases = asyncio.run(_run(reps, base))
+        global _other
+        with OtherProcess() as _other:
+            cases = asyncio.run(_run(reps, base))
+        for name, case in cases.items():
+            worst = _other.worst(name)
+            case["other_process_longest_stall_ms"] = round(max(worst) * 1e3, 3)
+            case["other_process_median_stall_ms"] = round(statistics.median(worst) * 1e3, 3)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result = {
