@@ -13,8 +13,10 @@ cache of 512 blocks.
   whole milliseconds, so a shorter sleep waits 1 ms anyway and would count the rest as
   stall.) Beside it, in the same turn, the same probe on the idle loop for as long (what
   this machine gives a loop that does nothing), on fs during the ready-buffer I/O, and in
-  another process (a plain Python loop of 1 ms sleeps, sharing no GIL with the store) during
-  the same ``put_blocks`` / ``get_blocks``: what the machine itself gives any thread then.
+  another process (a plain Python loop of 1 ms sleeps, sharing no GIL with the store)
+  during a repeat of the turn's ``put_blocks`` / ``get_blocks``: what the machine itself
+  gives any thread then. (That probe runs only in the repeats, untimed, so that its 1000
+  wake-ups a second never compete with the measured calls for this machine's few cores.)
 
 Each figure is a median over ``--reps`` turns taken in alternation with its baseline, and
 each ratio the median of the per-turn ratios. Usage: python bench/store_blocks.py [--reps N]
@@ -79,26 +81,50 @@ class Probe:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-# A thread of its own process: sleeps 1 ms at a time until its stdin has input, then
-# prints each wake-up's time (CLOCK_MONOTONIC, as perf_counter here) and lateness.
+# Another process's probe: while told "go", sleeps 1 ms at a time and records each
+# wake-up's time (CLOCK_MONOTONIC, as perf_counter here) and lateness; "pause" stops it
+# (no wake-ups at all), "stop" ends it and prints what it recorded. Each command is
+# acknowledged with a line.
 _SLEEPER = """
-import json, select, sys, time
+import json, os, select, sys, time
+
+def command():
+    line = b""
+    while not line.endswith(b"\\n"):
+        c = os.read(0, 1)
+        if not c:
+            return "stop"
+        line += c
+    return line.decode().strip()
+
 woke = []
 print("ready", flush=True)
-while not select.select([sys.stdin], [], [], 0)[0]:
-    t = time.perf_counter()
-    time.sleep(0.001)
-    now = time.perf_counter()
-    woke.append((now, now - t - 0.001))
+cmd = command()
+while cmd == "go":
+    print("going", flush=True)
+    while not select.select([0], [], [], 0)[0]:
+        t = time.perf_counter()
+        time.sleep(0.001)
+        now = time.perf_counter()
+        woke.append((now, now - t - 0.001))
+    cmd = command()
+    if cmd == "pause":
+        print("paused", flush=True)
+        cmd = command()
 json.dump(woke, sys.stdout)
 """
 
 
 class OtherProcess:
-    """The same 1 ms probe in another process, for the windows :meth:`window` records."""
+    """The same 1 ms probe in another process, for the windows :meth:`window` records.
+
+    It runs only between :meth:`go` and :meth:`pause`, so that its wake-ups (1000 a
+    second, on this machine's few cores) never slow the measured turns down.
+    """
 
     def __init__(self) -> None:
         self.windows: list[tuple[str, float, float]] = []
+        self.woke: list[tuple[float, float]] = []
         self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> OtherProcess:
@@ -108,40 +134,79 @@ class OtherProcess:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self._proc.stdout is not None
-        self._proc.stdout.readline()
+        self._expect("ready")
         return self
+
+    def _say(self, cmd: str, ack: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(cmd + "\n")
+        self._proc.stdin.flush()
+        self._expect(ack)
+
+    def _expect(self, ack: str) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = self._proc.stdout.readline().strip()
+        if line != ack:
+            raise RuntimeError(f"the other-process probe said {line!r}, not {ack!r}")
+
+    def go(self) -> None:
+        self._say("go", "going")
+
+    def pause(self) -> None:
+        self._say("pause", "paused")
 
     def window(self, label: str, start: float, end: float) -> None:
         self.windows.append((label, start, end))
 
     def __exit__(self, *exc: object) -> None:
         assert self._proc is not None
-        out, _ = self._proc.communicate("stop\n", timeout=60)
-        self.woke: list[tuple[float, float]] = json.loads(out)
+        try:
+            out, _ = self._proc.communicate("stop\n", timeout=60)
+        except (subprocess.TimeoutExpired, OSError):
+            self._proc.kill()
+            if exc[0] is None:  # else keep the run's own error
+                raise
+            return
+        if exc[0] is None:
+            self.woke = json.loads(out)
 
     def worst(self, label: str) -> list[float]:
-        """Per window of ``label``, the longest lateness of a wake-up inside it."""
+        """Per window of ``label``, the longest lateness of a sleep that overlaps it (a
+        wake-up at ``now`` that was ``late`` late slept from ``now - late - 1 ms``)."""
         return [
-            max((late for now, late in self.woke if start <= now <= end), default=0.0)
+            max(
+                (late for now, late in self.woke if now >= start and now - late - PROBE_S <= end),
+                default=0.0,
+            )
             for lab, start, end in self.windows
             if lab == label
         ]
 
 
-#: Set by _run: the other-process probe, told each put_blocks / get_blocks window.
+#: Set by main: the other-process probe.
 _other: OtherProcess | None = None
 
 
-async def _timed(fn: Callable[[], Awaitable[Any]], label: str = "") -> tuple[float, float]:
+async def _timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
     """Seconds of ``fn`` and the longest loop stall while it ran."""
     async with Probe() as probe:
         start = time.perf_counter()
         await fn()
         end = time.perf_counter()
-    if label and _other is not None:
-        _other.window(label, start, end)
     return end - start, probe.worst
+
+
+async def _beside_other(label: str, fn: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``fn`` (untimed) with the other process's probe on, as window ``label``."""
+    assert _other is not None
+    _other.go()
+    start = time.perf_counter()
+    try:
+        await fn()
+    finally:
+        end = time.perf_counter()
+        _other.pause()
+    _other.window(label, start, end)
 
 
 async def _idle(seconds: float) -> float:
@@ -174,12 +239,15 @@ async def _case(
     base_stalls: list[float] = []
     for r in range(reps + 1):  # the first turn warms the pool and the caches up
         keys = [ObjectKey("bench/blocks", r, i.to_bytes(2, "big"), salt) for i in range(CHUNKS)]
-        label = name if r else ""  # the warm-up turn is not recorded
-        tp, sp = await _timed(lambda k=keys: store.put_blocks(k, caches, ids, "vllm"), label)  # type: ignore[misc]
-        tg, sg = await _timed(lambda k=keys: store.get_blocks(k, out, ids, "vllm"), label)  # type: ignore[misc]
+        tp, sp = await _timed(lambda k=keys: store.put_blocks(k, caches, ids, "vllm"))  # type: ignore[misc]
+        tg, sg = await _timed(lambda k=keys: store.get_blocks(k, out, ids, "vllm"))  # type: ignore[misc]
         ip, ig = await _idle(tp), await _idle(tg)
         bp, bg, bsp, bsg = await baseline(r)
         await store.delete_many(keys)
+        if r:  # the same calls again, untimed, with the other process's probe on
+            await _beside_other(name, lambda k=keys: store.put_blocks(k, caches, ids, "vllm"))  # type: ignore[misc]
+            await _beside_other(name, lambda k=keys: store.get_blocks(k, out, ids, "vllm"))  # type: ignore[misc]
+            await store.delete_many(keys)
         if r:
             put_t.append(tp)
             get_t.append(tg)

@@ -54,6 +54,7 @@ from flexkv_store.quota import (
     LocalAccounting,
     QuotaManager,
     QuotaState,
+    SupersededError,
     UserLRU,
     Victim,
 )
@@ -435,6 +436,13 @@ class Store:
         What an engine's offloading tier needs: a refusal fails only those keys. Bad keys
         still raise :class:`InvalidKeyError` before anything is written.
         """
+        return await self._put_each(items, superseded_ok=False)
+
+    async def _put_each(
+        self, items: Iterable[tuple[ObjectKey, Buffer]], *, superseded_ok: bool
+    ) -> list[Exception | None]:
+        """:meth:`put_each`; with ``superseded_ok``, an item that a later item of the batch
+        evicted is done (``None``, not counted as refused), as in :meth:`put_many`."""
         async with self._call():
             pairs = [(check_key(k), as_bytes_view(d)) for k, d in items]
             outcomes: list[Exception | None] = [None] * len(pairs)
@@ -453,7 +461,9 @@ class Store:
             start = time.perf_counter()
             try:
                 async with self._write_lock(k.cache_salt for k in batch):
-                    nbytes, failed = await settle(self._put_locked(batch, each=True))
+                    nbytes, failed = await settle(
+                        self._put_locked(batch, each=True, superseded_ok=superseded_ok)
+                    )
             except (StorageError, QuotaExceededError) as exc:  # the batch as a whole
                 for idxs in where.values():
                     for i in idxs:
@@ -474,10 +484,11 @@ class Store:
         return outcomes
 
     async def _put_locked(
-        self, batch: dict[ObjectKey, memoryview], *, each: bool
+        self, batch: dict[ObjectKey, memoryview], *, each: bool, superseded_ok: bool = False
     ) -> tuple[int, dict[ObjectKey, list[Exception]]]:
         """Admit, evict, write and account ``batch``: the bytes stored and, per key stored
-        nowhere, its errors. With ``each``, keys that do not fit are refused alone."""
+        nowhere, its errors. With ``each``, keys that do not fit are refused alone; with
+        ``superseded_ok`` too, a key a later key of the batch evicted is no error."""
         acct = self.accounting
         # Under the lock again (a quota may have been lowered meanwhile), and atomically
         # for every process sharing the accounting.
@@ -488,6 +499,8 @@ class Store:
             raise
         refused: dict[ObjectKey, list[Exception]] = {}
         for key, why in admitted.refused.items():
+            if superseded_ok and isinstance(why, SupersededError):
+                continue  # evicted, as any LRU victim is: its put is over
             if isinstance(why, QuotaExceededError):
                 self._count_refusal(why)
             refused[key] = [why]
@@ -1159,11 +1172,13 @@ class Store:
         The gathers run in a worker thread, never on the event loop, and the gather of one
         chunk overlaps the writes of the chunks before it (a few chunks in flight, bounded
         by the buffer pool). Each write takes every chunk gathered by then as one
-        :meth:`put_each` batch, each chunk admitted on its own. A store whose only backend
-        lends memory (:meth:`L2Adapter.lend`, the memory adapter) gathers host caches
-        straight into it. Raises the error of the first chunk stored nowhere
-        (:class:`QuotaExceededError` or :class:`StorageError`, as :meth:`put_many`), after
-        every chunk has finished.
+        :meth:`put_each` batch, each chunk admitted on its own; a chunk that a later chunk
+        of the call evicts is no error (as if it had been written first). A store whose
+        only backend lends memory (:meth:`L2Adapter.lend`, the memory adapter) gathers
+        host caches straight into it. Raises the error of the first chunk stored nowhere
+        (:class:`QuotaExceededError` for a chunk that alone exceeds its quota, else
+        :class:`StorageError`) after every chunk has finished; what a write raises
+        instead of reporting (:class:`StoreClosedError`) ends the call at once.
         """
         from flexkv_store.transfer._pipeline import BlockCopier
 
@@ -1225,59 +1240,69 @@ class Store:
         """Gather chunks ``start``, ``start + 1``, ... (``keys``) into pooled buffers and
         store them; one error (or ``None``) per key.
 
-        Gathers run up to ``copier.write_depth`` buffers ahead. Whenever the previous write
-        is done, every chunk gathered by then goes out as one :meth:`put_each` batch: the
-        writes of one salt hold its write lock one after another, so only a batch keeps
-        several chunks' I/O in flight (one chunk per call measured 0.6-0.66x of the fs
-        adapter's ``put_many`` of the same buffers).
+        One task gathers the chunks in order, holding at most ``copier.write_depth``
+        buffers (gathered or being written). Whenever the previous write is done, every
+        chunk gathered by then goes out as one batch: the writes of one salt hold its write
+        lock one after another, so only a batch keeps several chunks' I/O in flight (one
+        chunk per call measured 0.6-0.66x of the fs adapter's ``put_many`` of the same
+        buffers). A chunk that a later chunk of its batch evicted is done, as it would be
+        had it been written first.
         """
         errors: list[BaseException | None] = [None] * len(keys)
-        gathers: list[tuple[int, asyncio.Future[Any]]] = []
-        batch: list[tuple[int, Any]] = []
-        started = 0
+        ready: list[tuple[int, Any]] = []  # gathered, not yet written
+        room = asyncio.Semaphore(copier.write_depth)
+        arrived = asyncio.Event()  # a chunk is ready, or the gatherer is over
+        over = False
 
-        def top_up() -> None:
-            nonlocal started
-            while started < len(keys) and len(gathers) + len(batch) < copier.write_depth:
-                gathers.append((started, asyncio.ensure_future(copier.gather(start + started))))
-                started += 1
+        async def gather_all() -> None:
+            try:
+                for i in range(len(keys)):
+                    await room.acquire()
+                    try:
+                        buf = await copier.gather(start + i)
+                    except Exception as exc:  # the copy failed: this chunk only
+                        errors[i] = exc
+                        room.release()
+                    else:
+                        ready.append((i, buf))
+                    arrived.set()
+            finally:
+                arrived.set()
 
+        def drop_ready() -> None:
+            while ready:
+                copier.release(ready.pop()[1])
+
+        gatherer = asyncio.ensure_future(gather_all())
+        # Whatever the gatherer still holds when this call is over goes back, even if the
+        # call was cancelled again while waiting for it.
+        gatherer.add_done_callback(lambda _: drop_ready() if over else None)
         try:
             while True:
-                top_up()
-                if not gathers:
-                    return errors
-                await asyncio.wait([f for _, f in gathers], return_when=asyncio.FIRST_COMPLETED)
-                for entry in [g for g in gathers if g[1].done()]:
-                    gathers.remove(entry)
-                    i, fut = entry
-                    exc = fut.exception()
-                    if exc is None:
-                        batch.append((i, fut.result()))
-                    elif isinstance(exc, Exception):  # the copy failed: this chunk only
-                        errors[i] = exc
-                    else:
-                        raise exc
-                if not batch:
+                if not ready:
+                    if gatherer.done():
+                        gatherer.result()  # what the gatherer raised, if anything
+                        return errors
+                    arrived.clear()
+                    await arrived.wait()
                     continue
-                batch.sort(key=lambda b: b[0])  # the chunks' order is their LRU order
-                top_up()  # gathered during this write
-                outcomes = await self.put_each([(keys[i], buf) for i, buf in batch])
+                batch = sorted(ready, key=lambda r: r[0])  # the chunks' order
+                ready.clear()
+                try:
+                    outcomes = await self._put_each(
+                        [(keys[i], buf) for i, buf in batch], superseded_ok=True
+                    )
+                finally:
+                    for _, buf in batch:
+                        copier.release(buf)
+                        room.release()
                 for (i, _), outcome in zip(batch, outcomes, strict=True):
                     errors[i] = outcome
-                for _, buf in batch:
-                    copier.release(buf)
-                batch.clear()
         finally:
-            # Cancelled or failed: the buffers of the batch and of the gathers that
-            # finished anyway go back (a gather settles before it reports its cancellation).
-            for _, buf in batch:
-                copier.release(buf)
-            for _, fut in gathers:
-                fut.cancel()
-            for left in await asyncio.gather(*(f for _, f in gathers), return_exceptions=True):
-                if not isinstance(left, BaseException):
-                    copier.release(left)
+            over = True
+            gatherer.cancel()
+            drop_ready()
+            await asyncio.gather(gatherer, return_exceptions=True)
 
     async def get_blocks(
         self,
@@ -1372,12 +1397,19 @@ class Store:
                     copier.release(buf)
         finally:
             # Reads still in flight (after a miss, an error or a cancellation): stopped, and
-            # the buffers of those that finished anyway handed back.
+            # the buffers of those that finished anyway handed back, at once or when they
+            # finish (even if this call is cancelled again while waiting for them).
+            def give_back(task: asyncio.Future[tuple[Any, int | None]]) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    copier.release(task.result()[0])
+
             for task in window:
-                task.cancel()
-            for outcome in await asyncio.gather(*window, return_exceptions=True):
-                if isinstance(outcome, tuple):
-                    copier.release(outcome[0])
+                if task.done():
+                    give_back(task)
+                else:
+                    task.add_done_callback(give_back)
+                    task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)
         return loaded
 
     def _blocks_pool(self) -> Any:

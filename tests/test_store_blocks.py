@@ -141,40 +141,170 @@ class _Batches(MemoryAdapter):
         return outcomes
 
 
+class _HeldGathers:
+    """Counts finished gathers; every gather after the first waits until ``writing`` is
+    set (by the backend's first write), so the first batch is exactly one chunk."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.done = 0
+        self.writing = threading.Event()
+        real = getattr(_pipeline, "gather_blocks")  # noqa: B009
+
+        def gather(*args: Any, **kw: Any) -> Any:
+            if self.done and not self.writing.wait(timeout=30):
+                raise AssertionError("the first write never started")
+            out = real(*args, **kw)
+            self.done += 1
+            return out
+
+        monkeypatch.setattr(_pipeline, "gather_blocks", gather)
+
+    async def until(self, n: int) -> None:
+        for _ in range(1000):
+            if self.done >= n:
+                return
+            await asyncio.sleep(0.01)
+
+
+def _held_batches(held: _HeldGathers) -> _Batches:
+    backend = _Batches()
+    real = backend.put_each
+
+    async def put_each(items: Any) -> list[Exception | None]:
+        held.writing.set()
+        return await real(items)
+
+    backend.put_each = put_each  # type: ignore[method-assign]
+    return backend
+
+
 async def test_chunks_gathered_during_a_write_go_out_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # One salt's writes take its lock one after another: chunks written one per call would
     # leave a single chunk's I/O in flight. Those gathered meanwhile make the next batch.
-    gathered = 0
-    real_gather = getattr(_pipeline, "gather_blocks")  # noqa: B009
-
-    def gather(*args: Any, **kw: Any) -> Any:
-        nonlocal gathered
-        gathered += 1
-        return real_gather(*args, **kw)
-
-    monkeypatch.setattr(_pipeline, "gather_blocks", gather)
+    held = _HeldGathers(monkeypatch)
     gen = torch.Generator().manual_seed(11)
     src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
     ids = random.Random(12).sample(range(NB), 16)
-    backend = _Batches()
+    backend = _held_batches(held)
     async with Store([backend]) as store:
         task = asyncio.create_task(store.put_blocks(_keys(8), src, ids, "vllm"))
         try:
-            for _ in range(500):
-                if gathered == 8:
-                    break
-                await asyncio.sleep(0.01)
-            assert gathered == 8 and len(backend.batches) == 1, "gathers waited for the write"
+            await held.until(8)
+            assert held.done == 8, "the gathers waited for the write"
+            assert backend.batches == [1]
         finally:
             backend.gate.set()
-        await task
-        assert len(backend.batches) == 2 and sum(backend.batches) == 8, backend.batches
+        await asyncio.wait_for(task, 30)
+        assert backend.batches == [1, 7]
         dst = zeros_like_caches(src)
         assert await store.get_blocks(_keys(8), dst, ids, "vllm") == 8
         assert store._block_pool.in_use_bytes == 0
     assert _same_blocks(src, dst, "vllm", ids)
+
+
+async def test_a_batch_over_the_quota_keeps_its_last_chunks_without_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As with one put per chunk: later chunks evict earlier ones of the same call, which
+    # is no refusal (put_blocks raised QuotaExceededError when a batch held them).
+    held = _HeldGathers(monkeypatch)
+    gen = torch.Generator().manual_seed(15)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(16).sample(range(NB), 16)
+    keys = _keys(8, "alice")
+    chunk = 2 * LAYERS * 2 * BS * H * D * 2  # 2 blocks of fp16
+    backend = _held_batches(held)
+    async with Store([backend], quotas={"alice": 3 * chunk}) as store:
+        task = asyncio.create_task(store.put_blocks(keys, src, ids, "vllm"))
+        try:
+            await held.until(8)
+        finally:
+            backend.gate.set()
+        await asyncio.wait_for(task, 30)  # no QuotaExceededError
+        assert backend.batches == [1, 3]  # of the second batch, only the last 3 fit
+        assert await store.exists_many(keys) == [False] * 5 + [True] * 3
+        report = store.accounting.peek("alice")
+        assert report is not None and report.used == (3 * chunk, 3)
+        assert store._block_pool.in_use_bytes == 0
+
+
+async def test_a_put_cancelled_again_while_it_winds_down_leaks_no_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    held = _HeldGathers(monkeypatch)
+    gen = torch.Generator().manual_seed(17)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(18).sample(range(NB), 16)
+    backend = _held_batches(held)
+    async with Store([backend]) as store:
+        task = asyncio.create_task(store.put_blocks(_keys(8), src, ids, "vllm"))
+        try:
+            await held.until(8)  # one chunk being written, seven gathered and waiting
+            task.cancel()
+            await asyncio.sleep(0.01)
+        finally:
+            backend.gate.set()
+        # Cancelled again at every step while it hands its buffers back.
+        for _ in range(10000):
+            if task.done():
+                break
+            task.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        for _ in range(300):
+            if store._block_pool.in_use_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert store._block_pool.in_use_bytes == 0, "a cancelled put kept pooled buffers"
+
+
+async def test_a_load_cancelled_again_while_it_winds_down_leaks_no_buffer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first scatter is held while the reads after it finish: their buffers must come
+    # back however often the load is cancelled while it stops.
+    scattering = threading.Event()
+    release = threading.Event()
+    real = getattr(_pipeline, "scatter_blocks")  # noqa: B009
+
+    def scatter(*args: Any, **kw: Any) -> Any:
+        scattering.set()
+        if not release.wait(timeout=30):
+            raise AssertionError("the scatter was never let go")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_pipeline, "scatter_blocks", scatter)
+    gen = torch.Generator().manual_seed(19)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(20).sample(range(NB), 16)
+    async with Store([MemoryAdapter()]) as store:
+        await store.put_blocks(_keys(8), src, ids, "vllm")
+        dst = zeros_like_caches(src)
+        task = asyncio.create_task(store.get_blocks(_keys(8), dst, ids, "vllm"))
+        try:
+            for _ in range(1000):
+                if scattering.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # the reads ahead finish meanwhile
+            task.cancel()
+        finally:
+            release.set()
+        for _ in range(10000):
+            if task.done():
+                break
+            task.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 30)
+        for _ in range(300):
+            if store._block_pool.in_use_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert store._block_pool.in_use_bytes == 0, "a cancelled load kept pooled buffers"
 
 
 async def test_a_chunk_refused_in_a_batch_fails_alone() -> None:

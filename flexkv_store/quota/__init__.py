@@ -7,7 +7,7 @@ See DESIGN section 4 and ``docs/quotas.md``. The admin HTTP API lives in
 from __future__ import annotations
 
 from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
-from flexkv_store.quota._local import LocalAccounting
+from flexkv_store.quota._local import LocalAccounting, SupersededError
 from flexkv_store.quota._manager import JsonQuotaState, QuotaInfo, QuotaManager, QuotaState
 from flexkv_store.quota._userlru import (
     Admission,
@@ -30,6 +30,7 @@ __all__ = [
     "QuotaState",
     "SaltReport",
     "Snapshot",
+    "SupersededError",
     "Tally",
     "UserLRU",
     "Victim",

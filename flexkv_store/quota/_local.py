@@ -10,12 +10,18 @@ from flexkv_store.keyformat import ObjectKey, check_cache_salt
 from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
 from flexkv_store.quota._userlru import Admission, Tally, UserLRU, Victim
 
-__all__ = ["LocalAccounting", "superseded_error"]
+__all__ = ["LocalAccounting", "SupersededError", "superseded_error"]
 
 
-def superseded_error(key: ObjectKey, size: int, limit: int | None) -> QuotaExceededError:
+class SupersededError(QuotaExceededError):
+    """An item of a ``put_each`` batch that a later item of the same batch evicted (the
+    batch exceeds the quota): nothing of it is stored, as if it had been written and then
+    evicted."""
+
+
+def superseded_error(key: ObjectKey, size: int, limit: int | None) -> SupersededError:
     """The outcome of an item a later item of its own batch evicted."""
-    return QuotaExceededError(
+    return SupersededError(
         key.cache_salt,
         size,
         limit if limit is not None else 0,
