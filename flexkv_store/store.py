@@ -1274,8 +1274,8 @@ class Store:
                 copier.release(ready.pop()[1])
 
         gatherer = asyncio.ensure_future(gather_all())
-        # Whatever the gatherer still holds when this call is over goes back, even if the
-        # call was cancelled again while waiting for it.
+        # Whatever the gatherer still holds when this call is over goes back (a stopped
+        # gather hands its own buffer back; the callback is a safety net).
         gatherer.add_done_callback(lambda _: drop_ready() if over else None)
         try:
             while True:
@@ -1385,7 +1385,10 @@ class Store:
                 while started < len(keys) and len(window) < copier.depth:
                     window.append(asyncio.ensure_future(read(started)))
                     started += 1
-                buf, n = await window.popleft()
+                # The read stays in the window until it is taken: cancelled while it
+                # completes, this call still hands its buffer back below.
+                await asyncio.wait([window[0]])
+                buf, n = window.popleft().result()
                 try:
                     if n != copier.chunk_nbytes:
                         if n is not None:
@@ -1398,7 +1401,7 @@ class Store:
         finally:
             # Reads still in flight (after a miss, an error or a cancellation): stopped, and
             # the buffers of those that finished anyway handed back, at once or when they
-            # finish (even if this call is cancelled again while waiting for them).
+            # finish (a stopped read hands its own back; the callback is a safety net).
             def give_back(task: asyncio.Future[tuple[Any, int | None]]) -> None:
                 if not task.cancelled() and task.exception() is None:
                     copier.release(task.result()[0])

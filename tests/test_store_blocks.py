@@ -195,6 +195,7 @@ async def test_chunks_gathered_during_a_write_go_out_together(
             assert held.done == 8, "the gathers waited for the write"
             assert backend.batches == [1]
         finally:
+            held.writing.set()
             backend.gate.set()
         await asyncio.wait_for(task, 30)
         assert backend.batches == [1, 7]
@@ -221,6 +222,7 @@ async def test_a_batch_over_the_quota_keeps_its_last_chunks_without_an_error(
         try:
             await held.until(8)
         finally:
+            held.writing.set()
             backend.gate.set()
         await asyncio.wait_for(task, 30)  # no QuotaExceededError
         assert backend.batches == [1, 3]  # of the second batch, only the last 3 fit
@@ -245,6 +247,7 @@ async def test_a_put_cancelled_again_while_it_winds_down_leaks_no_buffer(
             task.cancel()
             await asyncio.sleep(0.01)
         finally:
+            held.writing.set()
             backend.gate.set()
         # Cancelled again at every step while it hands its buffers back.
         for _ in range(10000):
@@ -307,6 +310,35 @@ async def test_a_load_cancelled_again_while_it_winds_down_leaks_no_buffer(
         assert store._block_pool.in_use_bytes == 0, "a cancelled load kept pooled buffers"
 
 
+async def test_a_load_cancelled_as_a_read_completes_hands_its_buffer_back() -> None:
+    gen = torch.Generator().manual_seed(21)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(22).sample(range(NB), 16)
+    keys = _keys(8)
+    async with Store([MemoryAdapter()]) as store:
+        await store.put_blocks(keys, src, ids, "vllm")
+        real = store.get_into
+        load: asyncio.Task[int] | None = None
+
+        async def get_into(key: ObjectKey, buf: Any) -> int | None:
+            n = await real(key, buf)
+            if key == keys[0]:
+                # cancelled in the same loop pass in which the read's result wakes it
+                assert load is not None
+                asyncio.get_running_loop().call_soon(load.cancel)
+            return n
+
+        store.get_into = get_into  # type: ignore[method-assign, assignment]
+        load = asyncio.ensure_future(store.get_blocks(keys, zeros_like_caches(src), ids, "vllm"))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(load, 30)
+        for _ in range(300):
+            if store._block_pool.in_use_bytes == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert store._block_pool.in_use_bytes == 0, "a cancelled load kept a pooled buffer"
+
+
 async def test_a_chunk_refused_in_a_batch_fails_alone() -> None:
     gen = torch.Generator().manual_seed(13)
     src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
@@ -354,9 +386,9 @@ async def test_a_small_pool_still_moves_every_chunk() -> None:
     async with Store([MemoryAdapter()]) as store:
         chunk = LAYERS * 2 * 2 * BS * H * D * 2  # one chunk of 2 blocks, bf16
         store._block_pool = BufferPool(chunk)  # room for one chunk at a time: depth 1
-        await store.put_blocks(_keys(10), src, ids, "flashinfer")
+        await asyncio.wait_for(store.put_blocks(_keys(10), src, ids, "flashinfer"), 30)
         dst = zeros_like_caches(src)
-        assert await store.get_blocks(_keys(10), dst, ids, "flashinfer") == 10
+        assert await asyncio.wait_for(store.get_blocks(_keys(10), dst, ids, "flashinfer"), 30) == 10
         assert store._block_pool.in_use_bytes == 0
     assert _same_blocks(src, dst, "flashinfer", ids)
 
