@@ -56,6 +56,27 @@ async def test_round_trip_with_random_block_ids(layout: str, dtype: torch.dtype)
     assert _same_blocks(src, dst, layout, ids)
 
 
+async def _cancel_until_done(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` at every step until it is over; it must end cancelled."""
+    for _ in range(10000):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+
+
+async def _pool_drained(store: Store) -> bool:
+    """Whether every pooled buffer is back within a few seconds."""
+    pool = store._block_pool
+    for _ in range(300):
+        if pool.in_use_bytes == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 class _Gated(MemoryAdapter):
     """A memory backend whose puts wait for a gate (the store's I/O, held up)."""
 
@@ -250,18 +271,8 @@ async def test_a_put_cancelled_again_while_it_winds_down_leaks_no_buffer(
             held.writing.set()
             backend.gate.set()
         # Cancelled again at every step while it hands its buffers back.
-        for _ in range(10000):
-            if task.done():
-                break
-            task.cancel()
-            await asyncio.sleep(0)
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 30)
-        for _ in range(300):
-            if store._block_pool.in_use_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert store._block_pool.in_use_bytes == 0, "a cancelled put kept pooled buffers"
+        await _cancel_until_done(task)
+        assert await _pool_drained(store), "a cancelled put kept pooled buffers"
 
 
 async def test_a_load_cancelled_again_while_it_winds_down_leaks_no_buffer(
@@ -296,18 +307,8 @@ async def test_a_load_cancelled_again_while_it_winds_down_leaks_no_buffer(
             task.cancel()
         finally:
             release.set()
-        for _ in range(10000):
-            if task.done():
-                break
-            task.cancel()
-            await asyncio.sleep(0)
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 30)
-        for _ in range(300):
-            if store._block_pool.in_use_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert store._block_pool.in_use_bytes == 0, "a cancelled load kept pooled buffers"
+        await _cancel_until_done(task)
+        assert await _pool_drained(store), "a cancelled load kept pooled buffers"
 
 
 async def test_a_load_cancelled_as_a_read_completes_hands_its_buffer_back() -> None:
@@ -332,11 +333,7 @@ async def test_a_load_cancelled_as_a_read_completes_hands_its_buffer_back() -> N
         load = asyncio.ensure_future(store.get_blocks(keys, zeros_like_caches(src), ids, "vllm"))
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(load, 30)
-        for _ in range(300):
-            if store._block_pool.in_use_bytes == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert store._block_pool.in_use_bytes == 0, "a cancelled load kept a pooled buffer"
+        assert await _pool_drained(store), "a cancelled load kept a pooled buffer"
 
 
 async def test_a_chunk_refused_in_a_batch_fails_alone() -> None:
