@@ -199,16 +199,24 @@ def _held_batches(held: _HeldGathers) -> _Batches:
     return backend
 
 
+def _held_put(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> tuple[_HeldGathers, list[Any], list[int], _Batches]:
+    """Held gathers, vllm caches, 16 random block ids and a backend that holds its first
+    write until ``gate`` is set (and lets the held gathers go once it has started)."""
+    held = _HeldGathers(monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
+    ids = random.Random(seed + 1).sample(range(NB), 16)
+    return held, src, ids, _held_batches(held)
+
+
 async def test_chunks_gathered_during_a_write_go_out_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # One salt's writes take its lock one after another: chunks written one per call would
     # leave a single chunk's I/O in flight. Those gathered meanwhile make the next batch.
-    held = _HeldGathers(monkeypatch)
-    gen = torch.Generator().manual_seed(11)
-    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
-    ids = random.Random(12).sample(range(NB), 16)
-    backend = _held_batches(held)
+    held, src, ids, backend = _held_put(monkeypatch, 11)
     async with Store([backend]) as store:
         task = asyncio.create_task(store.put_blocks(_keys(8), src, ids, "vllm"))
         try:
@@ -231,13 +239,9 @@ async def test_a_batch_over_the_quota_keeps_its_last_chunks_without_an_error(
 ) -> None:
     # As with one put per chunk: later chunks evict earlier ones of the same call, which
     # is no refusal (put_blocks raised QuotaExceededError when a batch held them).
-    held = _HeldGathers(monkeypatch)
-    gen = torch.Generator().manual_seed(15)
-    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
-    ids = random.Random(16).sample(range(NB), 16)
+    held, src, ids, backend = _held_put(monkeypatch, 15)
     keys = _keys(8, "alice")
     chunk = 2 * LAYERS * 2 * BS * H * D * 2  # 2 blocks of fp16
-    backend = _held_batches(held)
     async with Store([backend], quotas={"alice": 3 * chunk}) as store:
         task = asyncio.create_task(store.put_blocks(keys, src, ids, "vllm"))
         try:
@@ -256,11 +260,7 @@ async def test_a_batch_over_the_quota_keeps_its_last_chunks_without_an_error(
 async def test_a_put_cancelled_again_while_it_winds_down_leaks_no_buffer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    held = _HeldGathers(monkeypatch)
-    gen = torch.Generator().manual_seed(17)
-    src = make_caches("vllm", LAYERS, NB, BS, H, D, torch.float16, gen)
-    ids = random.Random(18).sample(range(NB), 16)
-    backend = _held_batches(held)
+    held, src, ids, backend = _held_put(monkeypatch, 17)
     async with Store([backend]) as store:
         task = asyncio.create_task(store.put_blocks(_keys(8), src, ids, "vllm"))
         try:
