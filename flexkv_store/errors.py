@@ -96,7 +96,10 @@ class BufferTooSmallError(StorageError):
 class QuotaExceededError(FlexKVStoreError):
     """A put was refused because the object alone exceeds its salt's quota.
 
-    Nothing was written and nothing was evicted.
+    Nothing was written and nothing was evicted, with one exception: when a batch over
+    several salts in a Redis accounting is refused by a later salt, other processes may
+    have used the room the earlier salts' part left before it was undone; the objects
+    that then no longer fit are evicted (the quota holds).
     """
 
     def __init__(

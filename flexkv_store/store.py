@@ -241,15 +241,20 @@ class Store:
                 self._backend_failed(label, "scan", exc)
         # Oldest first, so the least recently written objects are evicted first.
         ordered = sorted(found.values(), key=lambda i: i.last_modified)
+        victims: list[Victim] = []
         if self.accounting.shared:
             # Other processes may be writing: settle only admissions old enough that their
-            # writer is done or dead, and never forget an object that exists.
-            await self.accounting.reconcile(
+            # writer is done or dead, and never forget an object that exists. What it
+            # adopts is evicted down to the quota in the same step (another process may
+            # have deleted or evicted an object since the scan: accounting it outside
+            # that step took the salt over its quota until the enforce below).
+            settled = await self.accounting.reconcile(
                 {i.key: i.size for i in ordered}, older_than=self.reconcile_after
             )
+            victims += settled.victims
         else:
             await self.accounting.record([(i.key, i.size) for i in ordered])
-        victims = await self.accounting.enforce()
+        victims += await self.accounting.enforce()
         if found:
             log.info("rebuilt accounting from a scan: %d objects", len(found))
         return victims
@@ -496,6 +501,10 @@ class Store:
             admitted = await acct.admit([(k, v.nbytes) for k, v in batch.items()], each=each)
         except QuotaExceededError as exc:
             self._count_refusal(exc)
+            await self._evict(acct.take_orphans())
+            raise
+        except BaseException:
+            await self._evict(acct.take_orphans())
             raise
         refused: dict[ObjectKey, list[Exception]] = {}
         for key, why in admitted.refused.items():

@@ -91,6 +91,37 @@ class TestRedis(AccountingTests):
         for acct in made:
             await acct.close()
 
+    async def test_an_undone_batch_never_leaves_a_salt_over_quota(
+        self, make: Make, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch over two salts: alice's part evicts k1 to make room, bob's refuses (a
+        write in flight elsewhere), and meanwhile another process takes the room alice's
+        part leaves when undone. The undo is one script per salt: k1 comes back, does not
+        fit, and is evicted again, an orphan the caller deletes."""
+        from flexkv_store.quota._redis_acct import RedisAccounting
+
+        acct = await make()
+        other = await make(same_state=True)
+        assert isinstance(acct, RedisAccounting)
+        await acct.set_quota("alice", 20)
+        await acct.set_quota("bob", 10)
+        await put(acct, k(1), 10)
+        await put(acct, k(2), 10)
+        await other.admit([(k(9, "bob"), 10)], each=False)  # bob: taken by a write in flight
+        real = acct._call
+
+        async def racing(name: str, salt: str, args: Any) -> Any:
+            if name == "admit" and salt == "bob":
+                await other.admit([(k(5), 5)], each=False)  # alice has 5 left: 10 + 5
+            return await real(name, salt, args)
+
+        monkeypatch.setattr(acct, "_call", racing)
+        with pytest.raises(QuotaExceededError, match="in flight"):
+            await acct.admit([(k(3), 5), (k(4, "bob"), 5)], each=False)
+        assert await acct.usage("alice") == (15, 2)  # k2 and the other's k5: never over
+        assert acct.take_orphans() == [(k(1), 10)]
+        assert await acct.contains([k(1), k(2), k(3), k(5)]) == [False, True, False, True]
+
 
 class TestRedisCluster(TestRedis):
     """Against the 3-node Cluster: every salt's keys in one slot."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from flexkv_store.keyformat import ObjectKey
 from flexkv_store.store import Store, open_store
 
 HERE = Path(__file__).resolve().parent
@@ -296,3 +297,43 @@ def test_lost_objects_are_forgotten_but_never_a_write_in_flight(
             assert (await a.accounting.usage("alice")).nbytes == 100
 
     asyncio.run(go())
+
+
+def test_fsck_repair_keeps_adopted_objects_within_the_quota(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Objects stored past the shared accounting (here by a store with the local one) are
+    adopted as the least recently used; what does not fit its quota is deleted, as an
+    eviction would, so the accounting never reads over quota and nothing stays stored but
+    not accounted."""
+    import yaml
+
+    from flexkv_store.cli import main
+
+    config = _config(tmp_path)
+    path = tmp_path / "flexkv.yaml"
+    path.write_text(yaml.safe_dump(config))
+    keys = [ObjectKey("m", 0, bytes([i]), "carol") for i in range(5)]
+
+    async def setup() -> None:
+        async with open_store(config) as store:  # the shared state exists, and knows:
+            await store.put(keys[0], b"x" * (50 * 1024))
+        async with open_store({**config, "quota": {}}) as bypass:  # ...not these
+            for key in keys[1:]:
+                await bypass.put(key, b"y" * (50 * 1024))
+                await asyncio.sleep(0.01)  # scan order = write order
+
+    asyncio.run(setup())
+    assert main(["fsck", "--config", str(path), "--repair", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[-1]["accounting"]
+    # carol's quota is 150 KiB: k0 (accounted) stays with the two newest found
+    assert report["evicted"] == 2 and report["unaccounted"] == 0
+
+    async def check() -> None:
+        async with open_store(config) as store:
+            found = {i.key async for i in store.scan()}
+            assert found == {keys[0], keys[3], keys[4]}
+            assert dict(await store.accounting.lru_order("carol")).keys() == found
+            assert (await store.accounting.usage("carol")).nbytes == 150 * 1024
+
+    asyncio.run(check())

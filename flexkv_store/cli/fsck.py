@@ -23,7 +23,12 @@ def register(add: AddCommand) -> None:
     """Add the fsck subcommand(s)."""
     p = add("fsck", "verify every object's header and checksum; --repair removes bad ones",
             "flexkv-store fsck --backend fs:///var/cache/kv --repair")  # fmt: skip
-    p.add_argument("--repair", action="store_true", help="remove corrupt objects and temp files")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove corrupt objects and temp files; settle a shared accounting (objects "
+        "it adopts over a quota are evicted)",
+    )
     p.add_argument(
         "--remove-foreign",
         action="store_true",
@@ -90,7 +95,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 f"{acct_report['unaccounted']} stored object(s) not accounted, "
                 f"{acct_report['missing']} accounted but not found"
                 + (f"; reconciled: {acct_report['committed']} committed, "
-                   f"{acct_report['forgotten']} forgotten" if args.repair else "")
+                   f"{acct_report['forgotten']} forgotten, "
+                   f"{acct_report['evicted']} evicted over quota" if args.repair else "")
             )  # fmt: skip
         if problems and not args.repair:
             con.print("run again with --repair to remove them (and reconcile the accounting)")
@@ -100,7 +106,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
     """A shared accounting against what the backends hold (a local one has nothing to
     check: it lives in each process). ``repair`` settles pending admissions that are old
-    or whose process is gone, and accounts stored objects it misses; it deletes nothing."""
+    or whose process is gone, and adopts stored objects it misses; what that takes over a
+    quota is evicted (deleted from every backend), and nothing else is deleted."""
     from flexkv_store.backends import open_adapter
     from flexkv_store.store import Store, accounting_for
 
@@ -109,12 +116,15 @@ async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
         return None
     await acct.open()
     try:
-        present: dict[Any, int] = {}
+        found: dict[Any, Any] = {}
         for acfg in cfg.adapters:
             async with open_adapter(acfg) as adapter:
                 if adapter.capabilities.listing:
                     async for info in adapter.scan():
-                        present.setdefault(info.key, info.size)
+                        found.setdefault(info.key, info)
+        # oldest first, as a store's rebuild orders them (what reconcile adopts keeps it)
+        ordered = sorted(found.values(), key=lambda i: i.last_modified)
+        present: dict[Any, int] = {i.key: i.size for i in ordered}
         accounted = dict(await acct.lru_order())
         pending = await acct.pending()
         report: dict[str, Any] = {
@@ -125,13 +135,45 @@ async def _check_accounting(cfg: Any, *, repair: bool) -> dict[str, Any] | None:
             "missing": sum(1 for key in accounted if key not in present),
         }
         if repair:
-            committed, forgotten = await acct.reconcile(present, older_than=Store.reconcile_after)
-            report |= {"committed": committed, "forgotten": forgotten}
+            settled = await acct.reconcile(present, older_than=Store.reconcile_after)
+            evicted = await _evict(cfg, acct, settled.victims)
+            report |= {
+                "committed": settled.committed,
+                "forgotten": settled.forgotten,
+                "evicted": evicted,
+            }
             report["pending"] = len(await acct.pending())
             report["unaccounted"] = 0
         return report
     finally:
         await acct.close()
+
+
+async def _evict(cfg: Any, acct: Any, victims: list[Any]) -> int:
+    """Delete what reconcile adopted over a quota (already out of the accounting) from
+    every backend, as a store's eviction does; a victim some backend failed to delete is
+    accounted again (it is still stored). How many are gone."""
+    from flexkv_store.backends import open_adapter
+    from flexkv_store.errors import StorageError
+
+    if not victims:
+        return 0
+    keys = [k for k, _ in victims]
+    stuck: set[Any] = set()
+    try:
+        for acfg in cfg.adapters:
+            try:
+                async with open_adapter(acfg) as adapter:
+                    await adapter.delete_many(keys)
+            except StorageError:
+                stuck.update(keys)  # some may still be stored there
+    except BaseException:
+        stuck.update(keys)  # what was deleted is not known: still stored, for all we know
+        raise
+    finally:
+        if stuck:
+            await acct.restore([v for v in victims if v[0] in stuck])
+    return len(victims) - len(stuck)
 
 
 def _printable(name: str) -> str:

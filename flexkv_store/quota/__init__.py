@@ -6,7 +6,14 @@ See DESIGN section 4 and ``docs/quotas.md``. The admin HTTP API lives in
 
 from __future__ import annotations
 
-from flexkv_store.quota._accounting import Accounting, Admitted, QuotaSource, SaltReport, Snapshot
+from flexkv_store.quota._accounting import (
+    Accounting,
+    Admitted,
+    QuotaSource,
+    Reconciled,
+    SaltReport,
+    Snapshot,
+)
 from flexkv_store.quota._local import LocalAccounting, SupersededError
 from flexkv_store.quota._manager import JsonQuotaState, QuotaInfo, QuotaManager, QuotaState
 from flexkv_store.quota._userlru import (
@@ -28,6 +35,7 @@ __all__ = [
     "QuotaManager",
     "QuotaSource",
     "QuotaState",
+    "Reconciled",
     "SaltReport",
     "Snapshot",
     "SupersededError",

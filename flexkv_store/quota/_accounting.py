@@ -35,15 +35,28 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from flexkv_store.keyformat import ObjectKey
 from flexkv_store.quota._userlru import Admission, Tally, Victim
 
-__all__ = ["Accounting", "Admitted", "QuotaSource", "SaltReport", "Snapshot"]
+__all__ = ["Accounting", "Admitted", "QuotaSource", "Reconciled", "SaltReport", "Snapshot"]
 
 #: Where a salt's effective quota comes from.
 QuotaSource = Literal["runtime", "config", "default"]
+
+
+class Reconciled(NamedTuple):
+    """What :meth:`Accounting.reconcile` did."""
+
+    #: pending entries whose object was found stored: committed at the stored size
+    committed: int
+    #: pending entries whose object was not found: forgotten
+    forgotten: int
+    #: what it evicted to keep each salt it touched within its quota (and the store within
+    #: its capacity): mostly objects it adopted, or committed at a larger stored size.
+    #: Already out of the accounting: the caller deletes them, as with any eviction.
+    victims: list[Victim]
 
 
 @dataclass(slots=True)
@@ -188,6 +201,13 @@ class Accounting(ABC):
         (its last size). With ``each``, such items are ``refused`` and the rest admitted.
         """
 
+    def take_orphans(self) -> list[Victim]:
+        """Victims a failed :meth:`admit` took out of the accounting and could not hand
+        back in an :class:`Admitted` (a batch over several salts, refused or failed after
+        earlier salts were admitted, whose undo had to evict): the caller deletes them, as
+        any victims, whichever call it was. Empty where an admission is one atomic step."""
+        return []
+
     @abstractmethod
     async def commit(self, admissions: Sequence[Admission]) -> None:
         """The admitted objects were written: they become ordinary (evictable) objects."""
@@ -216,6 +236,25 @@ class Accounting(ABC):
     @abstractmethod
     async def record(self, items: Sequence[tuple[ObjectKey, int]]) -> None:
         """Track objects found by a scan, in LRU order (oldest first); never evicts."""
+
+    async def adopt(self, items: Sequence[tuple[ObjectKey, int]]) -> list[Victim]:
+        """Account objects a scan found stored that the accounting lacks (``items`` oldest
+        first), then evict their salts down to their quotas and the store down to its
+        capacity; returns the victims, for the caller to delete.
+
+        A key accounted by then (in any state: another process may have admitted it since
+        the scan) is left as it is. The shared accountings do it in one atomic step, with
+        the adopted objects as the least recently used (those that do not fit are the
+        first victims), so ``usage(s) <= quota(s)`` holds at every moment, also while
+        another process adopts what it found. This default is for one process: it records
+        what :meth:`contains` does not know (as :meth:`record` orders it) and calls
+        :meth:`enforce`. A key given twice counts once, at its last size. Redis adopts
+        per salt (one script per salt and 500 objects), so with a capacity the global
+        order across salts follows the order of the salts in ``items``.
+        """
+        known = await self.contains([k for k, _ in items])
+        await self.record([it for it, ok in zip(items, known, strict=True) if not ok])
+        return await self.enforce()
 
     @abstractmethod
     async def enforce(self) -> list[Victim]:
@@ -286,14 +325,12 @@ class Accounting(ABC):
     async def pending(self) -> list[tuple[ObjectKey, int, str, float, int]]:
         """Admissions not committed yet: ``(key, size, owner, admitted_at, version)``."""
 
-    async def reconcile(
-        self, present: Mapping[ObjectKey, int], *, older_than: float
-    ) -> tuple[int, int]:
+    async def reconcile(self, present: Mapping[ObjectKey, int], *, older_than: float) -> Reconciled:
         """Settle pending admissions older than ``older_than`` seconds (or made by a process
-        of this host that is gone) against ``present`` (what a scan found): committed when
-        the object exists, forgotten when not. Objects
-        in ``present`` that are not accounted are recorded. Returns (committed, forgotten).
-        Never deletes an object."""
+        of this host that is gone) against ``present`` (what a scan found, oldest first):
+        committed when the object exists, forgotten when not. Objects in ``present`` that
+        are not accounted are adopted (:meth:`adopt`): those that do not fit their quota
+        come back as victims, for the caller to delete. Deletes nothing itself."""
         now = time.time()
         done: list[Admission] = []
         stale: list[Admission] = []
@@ -305,17 +342,25 @@ class Accounting(ABC):
                 done.append(Admission(key, present[key], None, [], version))
             else:
                 stale.append(Admission(key, 0, None, [], version))
-        if done:
-            await self.commit_any(done)
+        victims = await self.commit_any(done) if done else []
         if stale:
             await self.abandon(stale)
         known = await self.contains(list(present))
-        missing = [(k, n) for (k, n), ok in zip(present.items(), known, strict=True) if not ok]
+        evicted = {k for k, _ in victims}  # by commit_any just now: not to be adopted again
+        missing = [
+            (k, n)
+            for (k, n), ok in zip(present.items(), known, strict=True)
+            if not ok and k not in evicted
+        ]
+        # adopt checks again, atomically: a key accounted since contains() is left alone
         if missing:
-            await self.record(missing)
-        return len(done), len(stale)
+            victims += await self.adopt(missing)
+        return Reconciled(len(done), len(stale), victims)
 
-    async def commit_any(self, admissions: Sequence[Admission]) -> None:
+    async def commit_any(self, admissions: Sequence[Admission]) -> list[Victim]:
         """Commit pending entries of these versions whoever admitted them, at the sizes
-        given (reconcile's use: the size found stored)."""
+        given (reconcile's use: the size found stored). A salt that a larger stored size
+        takes over its quota is evicted down to it in the same atomic step: the victims,
+        for the caller to delete. This default (one process: sizes as admitted) commits."""
         await self.commit(admissions)
+        return []

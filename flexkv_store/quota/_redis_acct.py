@@ -145,6 +145,23 @@ local function shrink_global(budget, out)
   end
   return true
 end
+-- evict the salt down to limit and everything down to cap (nil: none; 0 admits nothing)
+local function fit(limit, cap, out)
+  if limit ~= nil then if limit == 0 then shrink(-1, out) else shrink(limit, out) end end
+  if cap ~= nil then if cap == 0 then shrink_global(-1, out) else shrink_global(cap, out) end end
+end
+-- add {wire, size} items (oldest first) as committed, below every entry's LRU score
+local function add_oldest(items)
+  if #items == 0 then return end
+  local low = now()
+  local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
+  if #first > 0 then low = math.min(low, tonumber(first[2])) end
+  if gz then
+    local gfirst = redis.call('ZRANGE', gz, 0, 0, 'WITHSCORES')
+    if #gfirst > 0 then low = math.min(low, tonumber(gfirst[2])) end
+  end
+  for k, it in ipairs(items) do add_committed(it[1], it[2], low - #items - 1 + k) end
+end
 """
 
 # ARGV: prefix, default quota, capacity, owner, admitted_at, each (0/1), then wire, size...
@@ -226,14 +243,17 @@ return out
 """
 )
 
-# ARGV: prefix, then wire, version, size ('' keeps the admitted one)...: pending entries of
-# that version become committed (at the size given: reconcile's size found stored).
+# ARGV: prefix, default quota, capacity, then wire, version, size ('' keeps the admitted
+# one)...: pending entries of that version become committed (at the size given: reconcile's
+# size found stored). A larger size that takes the salt (or the capacity) over its limit
+# evicts down to it: victims.
 _COMMIT = (
     _LIB
+    + _GLOBAL
     + r"""
 local t = now()
-local done = 0
-for i = 2, #ARGV, 3 do
+local grew = false
+for i = 4, #ARGV, 3 do
   local wire, version, fix = ARGV[i], ARGV[i + 1], num(ARGV[i + 2])
   if redis.call('HEXISTS', p, wire) == 1 and redis.call('HGET', v, wire) == version then
     local size = num(redis.call('HGET', s, wire))
@@ -244,13 +264,15 @@ for i = 2, #ARGV, 3 do
       redis.call('HSET', s, wire, fix)
       redis.call('HINCRBY', st, 'used', fix - size)
       gbump('bytes', fix - size)
+      if fix > size then grew = true end
     end
     redis.call('ZADD', z, t, wire)
     if gz then redis.call('ZADD', gz, t, wire) end
-    done = done + 1
   end
 end
-return done
+local out = {}
+if grew then fit(limit_of(ARGV[2]), num(ARGV[3]), out) end
+return out
 """
 )
 
@@ -308,6 +330,58 @@ for i = 2, #ARGV, 2 do
   add_committed(wire, size, t - count + k)
 end
 return count
+"""
+)
+
+# ARGV: prefix, default quota, capacity, then wire, size... (oldest first): the objects a
+# scan found that no entry names (one accounted since is left as it is) become committed as
+# the least recently used; then the salt and the capacity are enforced: victims.
+_ADOPT = (
+    _LIB
+    + _GLOBAL
+    + r"""
+local cap = num(ARGV[3])
+local new = {}
+for i = 4, #ARGV, 2 do
+  if redis.call('HEXISTS', s, ARGV[i]) == 0 then new[#new + 1] = {ARGV[i], tonumber(ARGV[i + 1])} end
+end
+local out = {}
+if #new == 0 then return out end
+add_oldest(new)
+fit(limit_of(ARGV[2]), cap, out)
+return out
+"""
+)
+
+# ARGV: prefix, default quota, capacity, count of admissions, then per admission wire,
+# version, previous size (-1: none), then per victim wire, size: a batch refused after this
+# salt's admission is undone in one step: its entries go (previous values come back), its
+# victims (not deleted) come back as the least recently used where no entry appeared since,
+# and the salt is evicted down to its quota if others took the room meanwhile: victims.
+_UNADMIT = (
+    _LIB
+    + _GLOBAL
+    + r"""
+local limit, cap, na = limit_of(ARGV[2]), num(ARGV[3]), tonumber(ARGV[4])
+local t = now()
+local j = 5
+for _ = 1, na do
+  local wire, version, prev = ARGV[j], ARGV[j + 1], tonumber(ARGV[j + 2])
+  j = j + 3
+  if redis.call('HGET', v, wire) == version then
+    drop(wire)
+    if prev >= 0 then add_committed(wire, prev, t) end
+  end
+end
+local back = {}
+while j <= #ARGV do
+  if redis.call('HEXISTS', s, ARGV[j]) == 0 then back[#back + 1] = {ARGV[j], tonumber(ARGV[j + 1])} end
+  j = j + 2
+end
+add_oldest(back)
+local out = {}
+fit(limit, cap, out)
+return out
 """
 )
 
@@ -400,6 +474,7 @@ class RedisAccounting(Accounting):
         self._snapshot: Snapshot | None = None
         self._scripts: dict[str, Any] = {}
         self._registered: set[str] = set()
+        self._orphans: list[Victim] = []
         self._closed = False
 
     def describe(self) -> str:
@@ -417,6 +492,8 @@ class RedisAccounting(Accounting):
             ("rollback", _ROLLBACK),
             ("remove", _REMOVE),
             ("record", _RECORD),
+            ("adopt", _ADOPT),
+            ("unadmit", _UNADMIT),
             ("limit", _LIMIT),
             ("capacity", _CAPACITY),
             ("touch", _TOUCH),
@@ -662,23 +739,44 @@ class RedisAccounting(Accounting):
 
     async def _undo_partial(self, out: Admitted) -> None:
         """Undo the salts of a batch already admitted when a later salt is refused or
-        fails: their admissions go, their victims (not deleted yet) come back."""
-        await self.abandon(out.admissions)
-        await self.record([v for v in out.victims if v[0] not in out.never_stored])
+        fails, one script per salt: their admissions go (previous values come back), their
+        victims (not deleted yet) come back unless an entry for the key appeared since.
+        What that takes over a quota (others used the room meanwhile) is evicted: orphans,
+        for the caller to delete (:meth:`take_orphans`)."""
+        adms = _by_salt(out.admissions)
+        back: dict[str, list[Victim]] = {}
+        for key, size in out.victims:
+            if key not in out.never_stored:
+                back.setdefault(key.cache_salt, []).append((key, size))
+        for salt in dict.fromkeys([*adms, *back]):
+            group = adms.get(salt, [])
+            args: list[Any] = [self._arg(self._default), self._arg(self._capacity), len(group)]
+            for a in group:
+                prev = -1 if a.previous_size is None else a.previous_size
+                args += [a.key.to_wire(), a._version, prev]
+            for key, size in back.get(salt, []):
+                args += [key.to_wire(), size]
+            self._orphans += self._victims(await self._call("unadmit", salt, args))[0]
+
+    def take_orphans(self) -> list[Victim]:
+        orphans, self._orphans = self._orphans, []
+        return orphans
 
     async def commit(self, admissions: Sequence[Admission]) -> None:
         for salt, group in _by_salt(admissions).items():
-            args: list[Any] = []
+            args: list[Any] = ["", ""]  # sizes as admitted: nothing grows
             for a in group:
                 args += [a.key.to_wire(), a._version, ""]
             await self._call("commit", salt, args)
 
-    async def commit_any(self, admissions: Sequence[Admission]) -> None:
+    async def commit_any(self, admissions: Sequence[Admission]) -> list[Victim]:
+        victims: list[Victim] = []
         for salt, group in _by_salt(admissions).items():
-            args: list[Any] = []
+            args: list[Any] = [self._arg(self._default), self._arg(self._capacity)]
             for a in group:  # only the entry reconcile saw, at the size found stored
                 args += [a.key.to_wire(), a._version, a.size]
-            await self._call("commit", salt, args)
+            victims += self._victims(await self._call("commit", salt, args))[0]
+        return victims
 
     async def rollback(self, admissions: Sequence[Admission]) -> list[Victim]:
         victims: list[Victim] = []
@@ -722,6 +820,23 @@ class RedisAccounting(Accounting):
             for i in range(0, len(group), 500):
                 part = group[i : i + 500]
                 await self._call("record", salt, [x for k, n in part for x in (k.to_wire(), n)])
+
+    async def adopt(self, items: Sequence[tuple[ObjectKey, int]]) -> list[Victim]:
+        groups: dict[str, list[tuple[ObjectKey, int]]] = {}
+        for k, n in dict(items).items():  # a key given twice: once, its last size
+            groups.setdefault(k.cache_salt, []).append((k, n))
+        await self._register(groups)
+        victims: list[Victim] = []
+        for salt, group in groups.items():
+            # One script per part, each atomic; newest part first, as each goes below
+            # every entry, so the salt's LRU order ends oldest first.
+            starts = range(0, len(group), 500)
+            for i in reversed(starts):
+                part = group[i : i + 500]
+                args: list[Any] = [self._arg(self._default), self._arg(self._capacity)]
+                args += [x for k, n in part for x in (k.to_wire(), n)]
+                victims += self._victims(await self._call("adopt", salt, args))[0]
+        return victims
 
     async def enforce(self) -> list[Victim]:
         victims: list[Victim] = []

@@ -520,11 +520,13 @@ class SqliteAccounting(Accounting):
 
         await self._run(self._tx, change)
 
-    async def commit_any(self, admissions: Sequence[Admission]) -> None:
-        """Commit pending entries whoever admitted them, at the size found stored."""
+    async def commit_any(self, admissions: Sequence[Admission]) -> list[Victim]:
+        """Commit pending entries whoever admitted them, at the size found stored; a salt a
+        larger size takes over its quota is evicted down to it in the same transaction."""
         rows = [(a.key.to_wire(), a.key.cache_salt, a.size, a._version) for a in admissions]
 
-        def change(db: sqlite3.Connection) -> None:
+        def change(db: sqlite3.Connection) -> list[Victim]:
+            grown: dict[str, None] = {}
             for wire, salt, size, version in rows:
                 row = db.execute(
                     "SELECT size FROM objects WHERE key = ? AND version = ? AND owner IS NOT NULL",
@@ -540,8 +542,18 @@ class SqliteAccounting(Accounting):
                 diff = size - int(row[0])
                 db.execute("UPDATE salts SET used = used + ? WHERE salt = ?", (diff, salt))
                 self._bump(db, "total_bytes", diff)
+                if diff > 0:
+                    grown[salt] = None
+            victims: list[Victim] = []
+            if grown:
+                for salt in grown:
+                    self._fit_salt(db, salt, victims)
+                if self._capacity is not None:
+                    cap = self._capacity if self._capacity else -1
+                    self._shrink_total(db, cap, 1 << 62, victims)
+            return victims
 
-        await self._run(self._tx, change)
+        return await self._run(self._tx, change)
 
     async def rollback(self, admissions: Sequence[Admission]) -> list[Victim]:
         if not admissions:
@@ -638,6 +650,45 @@ class SqliteAccounting(Accounting):
                 self._bump(db, "total_objects", 1)
 
         await self._run(self._tx, change)
+
+    async def adopt(self, items: Sequence[tuple[ObjectKey, int]]) -> list[Victim]:
+        if not items:
+            return []
+        rows = [(k.to_wire(), k.cache_salt, int(n)) for k, n in dict(items).items()]
+
+        def change(db: sqlite3.Connection) -> list[Victim]:
+            # One transaction: what another process admitted since the scan stays as it
+            # is, and nothing is over quota at any commit.
+            new = [
+                r
+                for r in rows
+                if db.execute("SELECT 1 FROM objects WHERE key = ?", (r[0],)).fetchone() is None
+            ]
+            if not new:
+                return []
+            first = self._tick(db, len(new))
+            low = db.execute("SELECT MIN(used_at) FROM objects").fetchone()[0]
+            base = (first if low is None else int(low)) - len(new)  # below every entry
+            for i, (wire, salt, size) in enumerate(new):
+                self._ensure_salt(db, salt)
+                db.execute(
+                    "INSERT INTO objects VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    (wire, salt, size, base + i, first + i),
+                )
+                db.execute(
+                    "UPDATE salts SET used = used + ?, objects = objects + 1 WHERE salt = ?",
+                    (size, salt),
+                )
+                self._bump(db, "total_bytes", size)
+                self._bump(db, "total_objects", 1)
+            victims: list[Victim] = []
+            for salt in dict.fromkeys(salt for _, salt, _ in new):
+                self._fit_salt(db, salt, victims)
+            if self._capacity is not None:
+                self._shrink_total(db, self._capacity if self._capacity else -1, 1 << 62, victims)
+            return victims
+
+        return await self._run(self._tx, change)
 
     async def enforce(self) -> list[Victim]:
         def change(db: sqlite3.Connection) -> list[Victim]:

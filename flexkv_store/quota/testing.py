@@ -248,7 +248,101 @@ class AccountingTests:
         del a
         await put(acct, k(3), 10)
         present = {k(1): 10, k(3): 10, k(4): 5}  # k(1) was written, k(2) not; k(4) unknown
-        assert await acct.reconcile(present, older_than=0) == (1, 1)
+        assert await acct.reconcile(present, older_than=0) == (1, 1, [])
         assert await acct.contains([k(1), k(2), k(3), k(4)]) == [True, False, True, True]
         assert await acct.pending() == []
         assert await acct.usage("alice") == (25, 3)
+
+    async def test_reconcile_adopts_within_the_quota(self, make: Make) -> None:
+        """Objects a scan found that are not accounted join as the least recently used and
+        what does not fit is evicted in the same step (it never reads over quota)."""
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting reconciles")
+        await acct.set_quota("alice", 30)
+        for i in range(3):
+            await put(acct, k(i), 10)
+        present = {k(i): 10 for i in range(5)}  # k(3), k(4): stored, not accounted
+        settled = await acct.reconcile(present, older_than=0)
+        assert settled == (0, 0, [(k(3), 10), (k(4), 10)])
+        assert await acct.usage("alice") == (30, 3)
+        assert await acct.contains([k(i) for i in range(5)]) == [True] * 3 + [False] * 2
+
+    async def test_reconcile_of_a_larger_stored_size_stays_within_the_quota(
+        self, make: Make
+    ) -> None:
+        """A writer died after its admission, before its write: the object stored under
+        the key is the previous, larger one, and committing it at that size evicts."""
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting keeps pending entries")
+        other = await make(same_state=True)
+        await acct.set_quota("alice", 100)
+        await put(acct, k(1), 90)
+        await other.admit([(k(1), 10)], each=False)  # then it died
+        await put(acct, k(2), 90)
+        settled = await acct.reconcile({k(1): 90, k(2): 90}, older_than=0)
+        assert settled.committed == 1 and len(settled.victims) == 1, settled
+        used = await acct.usage("alice")
+        assert used == (90, 1)
+        gone = settled.victims[0][0]
+        assert await acct.contains([gone]) == [False] and gone in (k(1), k(2))
+        assert await acct.pending() == []
+
+    async def test_a_refused_batch_over_salts_leaves_things_as_they_were(self, make: Make) -> None:
+        """A later salt refuses the batch: the earlier salt's victims and the previous
+        value of a key it overwrote are accounted again, its new entries are gone."""
+        acct = await make()
+        await acct.set_quota("alice", 20)
+        await acct.set_quota("bob", 10)
+        await put(acct, k(1), 10)
+        await put(acct, k(2), 10)
+        with pytest.raises(QuotaExceededError):
+            await acct.admit([(k(2), 10), (k(3), 10), (k(4, "bob"), 11)], each=False)
+        assert await acct.contains([k(1), k(2), k(3)]) == [True, True, False]
+        assert await acct.usage("alice") == (20, 2)
+        assert await acct.pending() == []
+        assert acct.take_orphans() == []
+
+    async def test_adopt_leaves_what_another_process_admitted(self, make: Make) -> None:
+        """A scan saw an object that another process then admits again: its pending entry
+        stays, and its commit settles it."""
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("only a shared accounting has admissions pending elsewhere")
+        other = await make(same_state=True)
+        theirs = await other.admit([(k(1), 10)], each=False)
+        assert await acct.adopt([(k(1), 10), (k(2), 10)]) == []
+        assert [(p[0], p[4]) for p in await acct.pending()] == [
+            (k(1), theirs.admissions[0]._version)
+        ]
+        await other.commit(theirs.admissions)
+        assert await acct.pending() == []
+        assert await acct.usage("alice") == (20, 2)
+
+    async def test_adopted_objects_are_the_first_victims(self, make: Make) -> None:
+        acct = await make()
+        if not acct.shared:
+            pytest.skip("the local accounting records found objects as most recent")
+        await acct.set_quota("alice", 30)
+        await put(acct, k(1), 10)
+        assert await acct.adopt([(k(2), 10), (k(3), 10)]) == []  # oldest first
+        assert await put(acct, k(4), 10) == [k(2)]
+        assert await put(acct, k(5), 10) == [k(3)]
+        assert [key for key, _ in await acct.lru_order("alice")] == [k(1), k(4), k(5)]
+
+    async def test_adopt_of_many_keeps_the_newest(self, make: Make) -> None:
+        """More objects than one step takes (Redis adopts 500 per script): the salt ends
+        in scan order and the oldest are evicted."""
+        acct = await make()
+        await acct.set_quota("alice", 1000)
+        items = [(k(i), 1) for i in range(1200)]
+        victims = await acct.adopt(items)
+        assert sorted(victims, key=lambda v: int.from_bytes(v[0].chunk_hash, "big")) == items[:200]
+        assert await acct.lru_order("alice") == items[200:]
+        assert await acct.usage("alice") == (1000, 1000)
+
+    async def test_adopt_counts_a_key_given_twice_once(self, make: Make) -> None:
+        acct = await make()
+        assert await acct.adopt([(k(1), 5), (k(2), 5), (k(1), 7)]) == []
+        assert await acct.usage("alice") == (12, 2)
