@@ -750,6 +750,11 @@ class FaultyStoreMachine(RuleBasedStateMachine):
             self.run(self.store.put(k, v))
         except StorageError:
             self.allowed[k] = before | {v, None}
+            if fail == "a+delete":
+                # Its victims were deleted from b but not from a: each stays accounted,
+                # reads as a miss (a's copy is suspect) and goes with the next repair.
+                for other in self.allowed:
+                    self.allowed[other] = self.allowed[other] | {None}
         else:
             self.allowed[k] = {v}
         finally:

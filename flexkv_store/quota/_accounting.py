@@ -249,8 +249,9 @@ class Accounting(ABC):
         another process adopts what it found. This default is for one process: it records
         what :meth:`contains` does not know (as :meth:`record` orders it) and calls
         :meth:`enforce`. A key given twice counts once, at its last size. Redis adopts
-        per salt (one script per salt and 500 objects), so with a capacity the global
-        order across salts follows the order of the salts in ``items``.
+        per salt (one script per salt and 500 objects, each below every entry), so with
+        a capacity the global order across salts is the reverse of their order in
+        ``items``.
         """
         known = await self.contains([k for k, _ in items])
         await self.record([it for it, ok in zip(items, known, strict=True) if not ok])

@@ -135,6 +135,8 @@ class LocalAccounting(Accounting):
                     popped = admitted.pop(victim[0], None)
                     if popped is not None:
                         superseded[victim[0]] = popped
+                        if popped.previous_size is not None:  # stored: the value replaced
+                            victim = (victim[0], popped.previous_size)
                     out.victims.append(victim)
                 admitted[key] = adm
         except BaseException:

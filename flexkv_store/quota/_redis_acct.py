@@ -711,6 +711,11 @@ class RedisAccounting(Accounting):
                 popped = admitted.pop(key, None)
                 if popped is not None and popped.previous_size is None:
                     out.never_stored.add(key)
+                elif popped is not None and popped.previous_size is not None:
+                    # nothing of this batch was written yet: what is stored is the value
+                    # it replaced, and that is what an undo or a failed delete accounts
+                    stored = popped.previous_size
+                    out.victims = [(v, stored if v == key else n) for v, n in out.victims]
                 if each:
                     out.refused[key] = superseded_error(
                         key, batch[key], (await self.quota(salt))[0]
@@ -748,6 +753,7 @@ class RedisAccounting(Accounting):
         for key, size in out.victims:
             if key not in out.never_stored:
                 back.setdefault(key.cache_salt, []).append((key, size))
+        first: BaseException | None = None
         for salt in dict.fromkeys([*adms, *back]):
             group = adms.get(salt, [])
             args: list[Any] = [self._arg(self._default), self._arg(self._capacity), len(group)]
@@ -756,7 +762,12 @@ class RedisAccounting(Accounting):
                 args += [a.key.to_wire(), a._version, prev]
             for key, size in back.get(salt, []):
                 args += [key.to_wire(), size]
-            self._orphans += self._victims(await self._call("unadmit", salt, args))[0]
+            try:  # every salt, even when one fails (its entries then wait for reconcile)
+                self._orphans += self._victims(await self._call("unadmit", salt, args))[0]
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def take_orphans(self) -> list[Victim]:
         orphans, self._orphans = self._orphans, []

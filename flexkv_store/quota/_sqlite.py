@@ -463,12 +463,16 @@ class SqliteAccounting(Accounting):
                 room = self._shrink_salt(db, salt, limit - size, since, victims)
             if room and cap is not None:
                 room = self._shrink_total(db, cap - size, since, victims)
-            for vkey, _ in victims:
+            for j, (vkey, _) in enumerate(victims):
                 popped = admitted.pop(vkey, None)
                 if popped is not None and each:
                     out.refused[vkey] = superseded_error(vkey, batch[vkey], limits[vkey.cache_salt])
                 if popped is not None and popped.previous_size is None:
                     out.never_stored.add(vkey)
+                elif popped is not None and popped.previous_size is not None:
+                    # nothing of this batch was written yet: what is stored is the value
+                    # it replaced, and that is what a failed delete would account again
+                    victims[j] = (vkey, popped.previous_size)
             out.victims += victims
             if not room:
                 # The rest of the quota is taken by writes still in flight elsewhere.

@@ -346,3 +346,15 @@ class AccountingTests:
         acct = await make()
         assert await acct.adopt([(k(1), 5), (k(2), 5), (k(1), 7)]) == []
         assert await acct.usage("alice") == (12, 2)
+
+    async def test_a_key_its_own_batch_evicts_is_reported_at_its_stored_size(
+        self, make: Make
+    ) -> None:
+        """k1 is overwritten and then evicted by a later item of the same batch: nothing
+        was written yet, so the victim is the value stored, at its size."""
+        acct = await make()
+        await acct.set_quota("alice", 20)
+        await put(acct, k(1), 15)
+        out = await acct.admit([(k(1), 5), (k(2), 20)], each=False)
+        assert out.victims == [(k(1), 15)]
+        assert [a.key for a in out.admissions] == [k(2)]
