@@ -753,8 +753,8 @@ class FaultyStoreMachine(RuleBasedStateMachine):
             if fail == "a+delete":
                 # Its victims were deleted from b but not from a: each stays accounted,
                 # reads as a miss (a's copy is suspect) and goes with the next repair.
-                for other in self.allowed:
-                    self.allowed[other] = self.allowed[other] | {None}
+                for other in self.store._suspects.orphans:
+                    self.allowed[other] = self.allowed.get(other, {None}) | {None}
         else:
             self.allowed[k] = {v}
         finally:
